@@ -1,0 +1,27 @@
+# make setup   install the dependencies (CPU torch by default; TORCH_SPEC="torch" for your CUDA build)
+# make demo    offline CPU demo: SFT of a tiny SEDD on arithmetic, then evaluation
+# make test    the test suite (CPU, no network)
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 0
+
+.PHONY: setup test demo lint format
+
+setup:
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+
+test:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -x --timeout=600
+
+demo:
+	HF_HUB_OFFLINE=1 $(PYTHON) sft.py experiment=demo hydra.run.dir=exp_local/demo/sft
+	HF_HUB_OFFLINE=1 $(PYTHON) evaluate.py --model_path exp_local/demo/sft --dataset demo/arithmetic --split test --limit 200 --output exp_local/demo/eval.json
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .

@@ -1,0 +1,268 @@
+"""The SEDD score network: a DiT-style bidirectional transformer conditioned on the noise level sigma.
+
+Parameter names match the published `louaaron/sedd-small` / `sedd-medium` checkpoints exactly.
+`forward(indices, sigma)` returns log-scores log s_theta(x, sigma)_y of shape [B, L, vocab]; with
+`scale_by_sigma` (absorbing graph) the output is shifted by -log(e^sigma - 1) - log(vocab - 1) so that a
+fresh model starts near the right magnitude (paper, Appendix C.2), and the entry of the input token is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from model.attention import attention
+from model.config import SEDDConfig, from_run_config, to_container, to_run_config
+from model.rotary import Rotary, apply_rotary
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation x (1 + scale) + shift."""
+    return x * (1 + scale) + shift
+
+
+class LayerNorm(nn.Module):
+    """Bias-free LayerNorm, always computed in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones([dim]))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(x.float(), [self.dim])
+        return x * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the scalar sigma followed by a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """[N] -> [N, dim] cos/sin features (GLIDE/DiT)."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, dim: int, vocab_dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty((vocab_dim, dim)))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding[x]
+
+
+class DDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-modulated attention and MLP, gated residuals."""
+
+    def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim, bias=True),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_ratio * dim, dim, bias=True),
+        )
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim, bias=True)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        c: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, dim], c [B, cond_dim] -> [B, L, dim]."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(
+            6, dim=2
+        )
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        qkv = self.attn_qkv(h).unflatten(-1, (3, self.n_heads, -1))  # [B, L, 3, H, D]
+        qk = apply_rotary(qkv[:, :, :2], *rotary_cos_sin)
+        qkv = torch.cat([qk, qkv[:, :, 2:]], dim=2)
+        h = attention(qkv, attention_mask).flatten(-2)
+        x = x + gate_msa * F.dropout(self.attn_out(h), self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * F.dropout(h, self.dropout, self.training)
+
+
+class DDitFinalLayer(nn.Module):
+    """adaLN-modulated norm and the linear map to the vocabulary."""
+
+    def __init__(self, hidden_size: int, out_channels: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden_size)
+        self.linear = nn.Linear(hidden_size, out_channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden_size, bias=True)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x [..., L, hidden] with c [..., cond] (one c per sequence), or x [N, hidden] with c [N, cond]."""
+        modulation = self.adaLN_modulation(c)
+        if x.dim() == modulation.dim() + 1:
+            modulation = modulation.unsqueeze(-2)
+        shift, scale = modulation.chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "discrete-diffusion"]):
+    """The SEDD transformer. `SEDD(config)` takes a run config (the published `config.json`) or a `SEDDConfig`.
+
+    `model.config` is always the run config (an OmegaConf DictConfig), so the original API
+    `graph_lib.get_graph(model.config)` and `noise_lib.get_noise(model.config)` works on any instance.
+    """
+
+    def __init__(self, config: Mapping[str, Any] | DictConfig | SEDDConfig):
+        super().__init__()
+        if isinstance(config, SEDDConfig):
+            arch, run_config = config, to_run_config(config)
+        else:
+            run_config = to_container(config)
+            arch = from_run_config(run_config)
+        self.config = OmegaConf.create(run_config)
+        self.arch = arch
+        self.absorb = arch.absorb
+        self.scale_by_sigma = arch.scale_by_sigma
+
+        self.vocab_embed = EmbeddingLayer(arch.hidden_size, arch.vocab_size)
+        self.sigma_map = TimestepEmbedder(arch.cond_dim)
+        self.rotary_emb = Rotary(arch.hidden_size // arch.n_heads)
+        self.blocks = nn.ModuleList(
+            DDiTBlock(arch.hidden_size, arch.n_heads, arch.cond_dim, arch.mlp_ratio, arch.dropout)
+            for _ in range(arch.n_blocks)
+        )
+        self.output_layer = DDitFinalLayer(arch.hidden_size, arch.vocab_size, arch.cond_dim)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.arch.vocab_size
+
+    def forward(
+        self,
+        indices: torch.Tensor,
+        sigma: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_mask: torch.Tensor | None = None,
+        raw: bool = False,
+    ) -> torch.Tensor:
+        """Log-scores of the SEDD score network.
+
+        indices [B, L] long, sigma [B], attention_mask [B, L] (1 real, 0 pad).
+        Returns [B, L, vocab] float32, or with `output_mask` [B, L] bool only the selected positions,
+        [N, vocab] in row-major order (the output layer is the costliest part; the loss needs few rows).
+        `raw=True` returns the output layer's logits before the sigma scaling and the input-token zero.
+        """
+        hidden, c = self.trunk(indices, sigma, attention_mask)
+        if output_mask is not None:
+            rows = output_mask.nonzero(as_tuple=True)
+            hidden, c, indices, sigma = hidden[rows], c[rows[0]], indices[rows], sigma[rows[0]]
+        if raw:
+            return self.output_layer(hidden, c)
+        return self.head(hidden, c, indices, sigma)
+
+    def trunk(
+        self, indices: torch.Tensor, sigma: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything but the output layer: hidden states [B, L, hidden] and the conditioning c [B, cond]."""
+        x = self.vocab_embed(indices)
+        c = F.silu(self.sigma_map(sigma))
+        rotary_cos_sin = self.rotary_emb(indices.shape[1], indices.device)
+        for block in self.blocks:
+            x = block(x, rotary_cos_sin, c, attention_mask)
+        return x, c
+
+    def head(
+        self, hidden: torch.Tensor, c: torch.Tensor, indices: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """Output layer on hidden [B, L, hidden] (c [B, cond], indices [B, L], sigma [B]) or on gathered
+        positions hidden [N, hidden] (c [N, cond], indices [N], sigma [N]). Returns float32 log-scores."""
+        x = self.output_layer(hidden, c).float()
+        if self.scale_by_sigma:
+            sigma = sigma.float()
+            esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log()
+            esigm1_log = esigm1_log.view(*sigma.shape, *([1] * (x.dim() - sigma.dim())))
+            x = x - esigm1_log - math.log(x.shape[-1] - 1)
+        return torch.scatter(x, -1, indices[..., None], torch.zeros_like(x[..., :1]))
+
+    # ----------------------------------------------------------------- hub I/O
+    def _save_pretrained(self, save_directory) -> None:
+        """Write `model.safetensors` and `config.json` (the run config, published layout)."""
+        from model.hub_io import save_hub_directory
+
+        save_hub_directory(self, save_directory)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str,
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+    ) -> SEDD:
+        """Load from a hub id (e.g. `louaaron/sedd-small`) or a hub-format directory (config.json + weights).
+
+        Weights may be `model.safetensors` or `pytorch_model.bin`; loading is strict by default.
+        """
+        from model.hub_io import load_state_dict_file, read_json, resolve_pretrained_files
+
+        files = resolve_pretrained_files(
+            str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        model = cls(read_json(files.config))
+        model.load_weights(load_state_dict_file(files.weights, map_location), strict=strict)
+        return model.to(map_location)
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load a state dict (a DDP `module.` prefix is removed; the deterministic rotary buffer may be absent)."""
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        state_dict.setdefault("rotary_emb.inv_freq", self.rotary_emb.inv_freq)
+        self.load_state_dict(state_dict, strict=strict)

@@ -186,7 +186,8 @@ class Uniform(Graph):
 
 
 class Absorbing(Graph):
-    """Q = 1 e_mask^T - I over `tokens` real tokens plus a mask state at index `tokens` (= dim - 1)."""
+    """Q = e_mask 1^T - I over `tokens` real tokens plus a mask state at index `tokens` (= dim - 1): every token
+    jumps to the mask at rate 1."""
 
     def __init__(self, dim: int):
         super().__init__()

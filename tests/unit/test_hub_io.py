@@ -323,7 +323,9 @@ def test_parameter_counts(name, model_cfg, low, high):
 
 @pytest.mark.parametrize("mlp_ratio", [4, 2])
 def test_sedd_config_round_trips_through_config_json(mlp_ratio, tmp_path):
-    arch = SEDDConfig(tokens=50, hidden_size=32, cond_dim=16, length=32, n_blocks=1, n_heads=2, mlp_ratio=mlp_ratio)
+    arch = SEDDConfig(
+        tokens=50, hidden_size=32, cond_dim=16, length=32, n_blocks=1, n_heads=2, mlp_ratio=mlp_ratio
+    )
     assert from_run_config(to_run_config(arch)) == arch
     model = SEDD(arch)
     with torch.no_grad():

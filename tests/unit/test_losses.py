@@ -218,3 +218,14 @@ def test_loss_matches_original_formula_on_reference_model(tiny_model, tiny_confi
         expected = (dsigma.double()[:, None] * entropy).sum(-1)
         assert (expected > 0).sum() >= 3
         torch.testing.assert_close(terms.per_sequence.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_absorbing_batch_without_masked_tokens(tiny_model):
+    """Small t can leave nothing masked: the loss is 0 and backward still works (zero gradients)."""
+    graph, noise = setup(tiny_model.config)
+    x0 = data(2, 8, 50, seed=7)
+    terms = score_entropy_loss(tiny_model, x0, graph, noise, t=torch.tensor([0.01, 0.02]), xt=x0.clone())
+    loss = terms.mean_per_token()
+    assert loss == 0 and loss.requires_grad
+    loss.backward()
+    assert all(torch.all(p.grad == 0) for p in tiny_model.parameters() if p.grad is not None)

@@ -507,7 +507,7 @@ def resolve_fields(
 class PromptTemplate:
     """How prompt and thinking-mode targets are rendered (placeholders are replaced literally)."""
 
-    prompt: str = "Question: {question}\nAnswer: "
+    prompt: str = "Question: {question}\nAnswer:"
     thinking_response: str = "Thinking: {thinking}\n\nAttempt: {attempt}"
 
     def __post_init__(self) -> None:
@@ -580,6 +580,15 @@ def _as_text(value: Any, role: str, column: str, row: int) -> str | None:
     )
 
 
+def join_response(prompt: str, response: str) -> str:
+    """The response as it follows the prompt: after a space when the prompt ends in neither whitespace nor
+    nothing and the response starts without one (`Answer:` + ` 42`), so that the response is tokenized the
+    way GPT-2 tokenizes the joined text (` 42` is one token, as in pretraining)."""
+    if prompt and not prompt[-1].isspace() and response and not response[0].isspace():
+        return " " + response
+    return response
+
+
 def _tokenize_batch(
     batch: dict[str, list[Any]],
     indices: list[int],
@@ -606,8 +615,9 @@ def _tokenize_batch(
                 else template.render_thinking_response(thinking, attempt)
             )
         status.append(_EMPTY_RESPONSE if response is None else _EMPTY_QUESTION if question is None else _KEEP)
-        prompts.append(template.render_prompt(question) if spec.mode != "text" and question else "")
-        responses.append(response or "")
+        prompt = template.render_prompt(question) if spec.mode != "text" and question else ""
+        prompts.append(prompt)
+        responses.append(join_response(prompt, response or ""))
 
     def encode(texts: list[str]) -> list[list[int]]:
         # split_special_tokens: a literal "<|endoftext|>" in the data stays text, never a real EOS.

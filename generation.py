@@ -97,8 +97,8 @@ def complete(
             show_progress=show_progress and len(batches) == 1,
             autocast_dtype=PRECISIONS[precision],
         )
-        for prompt, row in zip(batch, out.tolist(), strict=True):
-            answer, finished = cut_at_eos(row[len(prompt) :], eos)
+        for prompt, row, row_length in zip(batch, out.tolist(), lengths, strict=True):
+            answer, finished = cut_at_eos(row[len(prompt) : row_length], eos)  # the EOS padding is not an answer
             results.append(Completion(answer, tokenizer.decode(answer), finished))
     return results
 

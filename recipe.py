@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -261,7 +262,12 @@ def run_loop(
     preempt = PreemptionFlag()
     files = extra_files or (lambda: {})
     bar = tqdm(
-        total=loop.n_iters, initial=state.step, desc="train", disable=not utils.is_main_process(), dynamic_ncols=True
+        total=loop.n_iters,
+        initial=state.step,
+        desc="train",
+        disable=not utils.is_main_process(),
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a redirected log gets a line every 30 s
     )
     window: list[StepResult] = []
     tick = time.perf_counter()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import SEDD
@@ -63,3 +65,18 @@ def save_tiny_causal_lm(directory: Path) -> Path:
     GPT2LMHeadModel(config).save_pretrained(directory)
     get_tokenizer().save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread, and do not fight over cores shared with other jobs.
+    Import it into a test module to use it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: offline, one thread."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}

@@ -22,6 +22,7 @@ from data import (
     PromptTemplate,
     build_sft_datasets,
     extract_final_answer,
+    join_response,
     load_raw_dataset,
     load_text_corpus,
     make_demo_arithmetic,
@@ -146,6 +147,7 @@ def check_masks(tok, ds: Dataset, prompts: list[str], responses: list[str]) -> N
     assert len(ds) == len(prompts) == len(responses)
     batch = sft_collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id)
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        response = join_response(prompt, response)
         ids, mask, labels = batch["input_ids"][i], batch["loss_mask"][i].bool(), batch["labels"][i]
         n, p = int(batch["attention_mask"][i].sum()), int(batch["prompt_len"][i])
         assert p == len(ids_of(tok, prompt))
@@ -266,7 +268,7 @@ def test_s1k_thinking_masks(tok, model):
     targets = [
         f"Thinking: {r[f'{model}_thinking_trajectory']}\n\nAttempt: {r[f'{model}_attempt']}" for r in S1K_ROWS
     ]
-    check_masks(tok, out, [f"Question: {r['question']}\nAnswer: " for r in S1K_ROWS], targets)
+    check_masks(tok, out, [f"Question: {r['question']}\nAnswer:" for r in S1K_ROWS], targets)
 
 
 def test_gsm8k_masks_and_text_field_question(tok):
@@ -275,7 +277,7 @@ def test_gsm8k_masks_and_text_field_question(tok):
     check_masks(
         tok,
         out,
-        [f"Question: {r['question']}\nAnswer: " for r in GSM8K_ROWS],
+        [f"Question: {r['question']}\nAnswer:" for r in GSM8K_ROWS],
         [r["answer"] for r in GSM8K_ROWS],
     )
     spec = resolve_fields(ds.column_names, text_field="question")
@@ -293,7 +295,7 @@ def test_alpaca_text_mode_and_qa_mode(tok):
     check_masks(
         tok,
         out,
-        [f"Question: {r['instruction']}\nAnswer: " for r in ALPACA_ROWS],
+        [f"Question: {r['instruction']}\nAnswer:" for r in ALPACA_ROWS],
         [r["output"] for r in ALPACA_ROWS],
     )
 
@@ -341,11 +343,11 @@ def test_empty_values_numbers_and_bad_types(tok):
     ds = Dataset.from_list(rows)
     out, report = tokenize_sft_dataset(ds, resolve_fields(ds.column_names), tok, 64)
     assert (report.n_in, report.n_kept, report.n_empty_response, report.n_empty_question) == (6, 2, 3, 1)
-    check_masks(tok, out, ["Question: q0\nAnswer: ", "Question: q5\nAnswer: "], ["fine", "ok"])
+    check_masks(tok, out, ["Question: q0\nAnswer:", "Question: q5\nAnswer:"], ["fine", "ok"])
 
     ints = Dataset.from_dict({"question": ["Two plus two?"], "answer": [4]})
     out, _ = tokenize_sft_dataset(ints, resolve_fields(ints.column_names), tok, 64)
-    check_masks(tok, out, ["Question: Two plus two?\nAnswer: "], ["4"])
+    check_masks(tok, out, ["Question: Two plus two?\nAnswer:"], ["4"])
 
     lists = Dataset.from_dict({"question": ["a", "b"], "answer": [["x"], ["y", "z"]]})
     with pytest.raises(ValueError, match=r"Row 0: field 'answer' \(sft\.response_field\) holds a list"):
@@ -382,8 +384,8 @@ def _length_rows(tok) -> tuple[Dataset, dict[str, int]]:
         {"question": long_q, "answer": "x"},  # prompt alone too long
     ]
     prompt_lens = {
-        "short": len(ids_of(tok, f"Question: {short_q}\nAnswer: ")),
-        "long": len(ids_of(tok, f"Question: {long_q}\nAnswer: ")),
+        "short": len(ids_of(tok, f"Question: {short_q}\nAnswer:")),
+        "long": len(ids_of(tok, f"Question: {long_q}\nAnswer:")),
     }
     return Dataset.from_list(rows), prompt_lens
 
@@ -411,9 +413,9 @@ def test_overlong_truncated_only_in_response(tok):
     _assert_report_sums(report)
     cut = out[1]
     assert cut["length"] == 24 and cut["prompt_len"] == prompt_lens["short"]
-    assert cut["input_ids"][: cut["prompt_len"]] == ids_of(tok, "Question: Add these.\nAnswer: ")
+    assert cut["input_ids"][: cut["prompt_len"]] == ids_of(tok, "Question: Add these.\nAnswer:")
     assert EOS_ID not in cut["input_ids"]  # an incomplete answer gets no EOS
-    response = ids_of(tok, " ".join(["two"] * 40))
+    response = ids_of(tok, " " + " ".join(["two"] * 40))
     assert cut["input_ids"][cut["prompt_len"] :] == response[: 24 - prompt_lens["short"]]
 
 
@@ -768,7 +770,7 @@ def test_build_sft_datasets_from_local_s1k(tmp_path, cache_dir, tok):
     assert reports["train"].n_kept == 38 and reports["valid"].n_in == 2
     ex = valid[0]
     target = tok.decode(ex["input_ids"][ex["prompt_len"] : -1])
-    assert target.startswith("Thinking: ") and "\n\nAttempt: " in target
+    assert target.startswith(" Thinking: ") and "\n\nAttempt: " in target
 
 
 def test_pack_tokens(tok):

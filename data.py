@@ -102,6 +102,8 @@ def _as_dataset_dict(loaded: Dataset | DatasetDict) -> DatasetDict:
 
 
 def _load_local(path: Path, cache_dir: str | None) -> DatasetDict:
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"The dataset file {path} is empty; it needs at least one example.")
     if path.is_file():
         builder = _builder_for(path)
         if builder is None:

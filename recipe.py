@@ -5,6 +5,7 @@ checkpoints and the hub-format export.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -96,6 +97,50 @@ def check_gpus(ngpus: int, device: str) -> None:
                 f"ngpus={ngpus} but {available} CUDA device(s) are visible. Set ngpus={max(available, 1)} "
                 "(or device=cpu to run the workers on the CPU with gloo)."
             )
+
+
+# ----------------------------------------------------------------------------- errors
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def user_errors_exit(main: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Wrap an entrypoint: problems the user can fix (bad config, missing path or field, unreachable hub,
+    unreadable checkpoint, diverged run) end with their one-paragraph message and exit code 1, no traceback.
+    Set SEDD_TRACEBACK=1 to see the traceback."""
+    from checkpoint import CheckpointError
+
+    fixable = (ValueError, FileNotFoundError, ConnectionError, PermissionError, CheckpointError, NonFiniteLossError)
+
+    @functools.wraps(main)
+    def wrapped(cfg: DictConfig) -> None:
+        try:
+            main(cfg)
+        except fixable as err:
+            if os.environ.get("SEDD_TRACEBACK"):
+                raise
+            print(f"Error: {err}\n(set SEDD_TRACEBACK=1 for the traceback)", file=sys.stderr)
+            raise SystemExit(1) from err
+
+    return wrapped
+
+
+def preflight_output_dir(argv: list[str]) -> None:
+    """Before Hydra creates the run directory: fail with a clear message when `hydra.run.dir=...` of the
+    command line cannot be created (Hydra itself would fail with a traceback)."""
+    targets = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if not targets or "${" in targets[-1]:
+        return
+    path = Path(targets[-1]).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(
+            f"Error: cannot create the run directory {path} ({err.strerror}). Choose a writable location with "
+            "hydra.run.dir=<path>.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from err
 
 
 # ----------------------------------------------------------------------------- launch
@@ -242,10 +287,6 @@ class LoopConfig:
     snapshot_freq_for_preemption: int
     keep_last: int
     max_nonfinite: int
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row."""
 
 
 def run_loop(

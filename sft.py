@@ -13,6 +13,7 @@ Options: configs/sft.yaml (`python sft.py --cfg job` prints the composed config)
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -307,6 +308,7 @@ def write_samples(state, valid, tokenizer, graph, noise, cfg, run_dir: Path, dev
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="sft")
+@recipe.user_errors_exit
 def main(cfg: DictConfig) -> None:
     cfg = recipe.resume_config(cfg)
     validate_config(cfg)
@@ -314,4 +316,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    recipe.preflight_output_dir(sys.argv[1:])
     main()

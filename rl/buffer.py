@@ -37,7 +37,9 @@ def fill_with_eos(batch: dict[str, torch.Tensor], eos_id: int) -> dict[str, torc
     return sft_fill_with_eos(batch, eos_id)
 
 
-def make_example(prompt: Sequence[int], completion: Sequence[int], finished: bool, eos_id: int, weight: float = 1.0) -> dict[str, Any]:
+def make_example(
+    prompt: Sequence[int], completion: Sequence[int], finished: bool, eos_id: int, weight: float = 1.0
+) -> dict[str, Any]:
     """One SFT example: prompt + completion, and the EOS that ended the completion when it finished (an
     unfinished completion was cut by the canvas, so it gets no EOS, as a truncated SFT response)."""
     ids = [int(t) for t in prompt] + [int(t) for t in completion] + ([eos_id] if finished else [])
@@ -79,7 +81,9 @@ class Selection:
 
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.weights):
-            raise ValueError(f"{len(self.rows)} rows but {len(self.weights)} weights; give one weight per row.")
+            raise ValueError(
+                f"{len(self.rows)} rows but {len(self.weights)} weights; give one weight per row."
+            )
 
 
 def _pass_seed(seed: int, iteration: int, n_pass: int) -> int:
@@ -122,7 +126,9 @@ class ExampleBuffer:
     def example_at(self, position: int, seed: int) -> dict[str, Any]:
         n = len(self.examples)
         n_pass, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_pass_seed(seed, self.iteration, n_pass)))
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(_pass_seed(seed, self.iteration, n_pass))
+        )
         return self.examples[int(order[offset])]
 
     def state_dict(self) -> dict[str, Any]:
@@ -162,7 +168,9 @@ def micro_batches(
         part = mine[i * size : (i + 1) * size]
         batch = to_device(collate([buffer.example_at(p, seed) for p in part], eos_id, pad_to), device)
         id_base = buffer.iteration * 10_000_000
-        batch["draws"] = example_noise([id_base + p for p in part], batch["input_ids"].shape[1], seed, step, device)
+        batch["draws"] = example_noise(
+            [id_base + p for p in part], batch["input_ids"].shape[1], seed, step, device
+        )
         batches.append(batch)
     return batches
 

@@ -38,7 +38,9 @@ def select_reft(
     if selection not in SELECTIONS:
         raise ValueError(f"rl.method.selection={selection!r} is not valid; choose one of {SELECTIONS}.")
     if selection == "threshold" and threshold is None:
-        raise ValueError("rl.method.selection=threshold needs rl.method.threshold (e.g. 1.0 for correct answers).")
+        raise ValueError(
+            "rl.method.selection=threshold needs rl.method.threshold (e.g. 1.0 for correct answers)."
+        )
     n = len(rewards)
     if group_size < 1 or n % group_size:
         raise ValueError(f"{n} rewards do not form groups of k={group_size} completions per prompt.")
@@ -87,11 +89,15 @@ class ReFT:
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
-            raise ValueError(f"rl.method.selection={self.selection!r} is not valid; choose one of {SELECTIONS}.")
+            raise ValueError(
+                f"rl.method.selection={self.selection!r} is not valid; choose one of {SELECTIONS}."
+            )
         if self.selection == "threshold" and self.threshold is None:
             raise ValueError("rl.method.selection=threshold needs rl.method.threshold (e.g. 1.0).")
         if self.max_per_prompt is not None and self.max_per_prompt < 1:
-            raise ValueError(f"rl.method.max_per_prompt={self.max_per_prompt} must be >= 1 (or null for no limit).")
+            raise ValueError(
+                f"rl.method.max_per_prompt={self.max_per_prompt} must be >= 1 (or null for no limit)."
+            )
 
     def select(
         self,

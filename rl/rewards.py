@@ -155,7 +155,9 @@ def format_reward(
         raise ValueError(f"format_reward mode={mode!r} is not valid; choose one of {sorted(modes)}.")
     unknown = set(flags) - set(_FLAGS)
     if unknown:
-        raise ValueError(f"format_reward flags={flags!r}: unknown {sorted(unknown)}; use any of {sorted(_FLAGS)}.")
+        raise ValueError(
+            f"format_reward flags={flags!r}: unknown {sorted(unknown)}; use any of {sorted(_FLAGS)}."
+        )
     compiled = re.compile(pattern, sum((_FLAGS[f] for f in set(flags)), 0))
     match = modes[mode]
     return [float(match(compiled, c.strip() if mode == "fullmatch" else c) is not None) for c in completions]
@@ -178,7 +180,7 @@ def length_penalty(
     if target < 1:
         raise ValueError(f"length_penalty target={target} must be at least 1.")
     count = units[unit]
-    return [-scale * max(0, count(c) - target) / target for c in completions]
+    return [-scale * max(0, count(c) - target) / target + 0.0 for c in completions]  # + 0.0: no -0.0
 
 
 class RewardModel:
@@ -259,16 +261,25 @@ class WeightedSum:
 
     def __init__(self, rewards: Mapping[str, RewardFn], weights: Mapping[str, float] | None = None) -> None:
         if not rewards:
-            raise ValueError("WeightedSum needs at least one reward (reward.rewards: {name: {_target_: ...}}).")
+            raise ValueError(
+                "WeightedSum needs at least one reward (reward.rewards: {name: {_target_: ...}})."
+            )
         weights = dict(weights or {})
         unknown = set(weights) - set(rewards)
         if unknown:
-            raise ValueError(f"reward.weights names {sorted(unknown)}, which are not in reward.rewards {sorted(rewards)}.")
+            raise ValueError(
+                f"reward.weights names {sorted(unknown)}, which are not in reward.rewards {sorted(rewards)}."
+            )
         self.rewards = dict(rewards)
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.rewards}
 
-    def components(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> dict[str, list[float]]:
-        return {name: check_rewards(fn(prompts, completions, **fields), len(completions), name) for name, fn in self.rewards.items()}
+    def components(
+        self, prompts: Sequence[str], completions: Sequence[str], **fields: Any
+    ) -> dict[str, list[float]]:
+        return {
+            name: check_rewards(fn(prompts, completions, **fields), len(completions), name)
+            for name, fn in self.rewards.items()
+        }
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
         parts = self.components(prompts, completions, **fields)
@@ -284,12 +295,16 @@ def check_rewards(values: Any, n: int, name: str) -> list[float]:
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError) as err:
-        raise ValueError(f"Reward {name} must return a list of floats, got {type(values).__name__}: {err}") from err
+        raise ValueError(
+            f"Reward {name} must return a list of floats, got {type(values).__name__}: {err}"
+        ) from err
     if len(values) != n:
         raise ValueError(f"Reward {name} returned {len(values)} values for {n} completions; return one each.")
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"Reward {name} returned non-finite values (first at completion {bad[0]}: {values[bad[0]]}).")
+        raise ValueError(
+            f"Reward {name} returned non-finite values (first at completion {bad[0]}: {values[bad[0]]})."
+        )
     return values
 
 
@@ -306,7 +321,12 @@ class Scores:
     components: dict[str, list[float]]
 
 
-def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], fields: Mapping[str, Sequence[Any]]) -> Scores:
+def score(
+    reward_fn: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    fields: Mapping[str, Sequence[Any]],
+) -> Scores:
     """Call `reward_fn` and check its output (one finite float per completion)."""
     n = len(completions)
     if len(prompts) != n or any(len(v) != n for v in fields.values()):
@@ -315,7 +335,9 @@ def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str
     if isinstance(reward_fn, WeightedSum):
         parts = reward_fn.components(prompts, completions, **fields)
         return Scores(combine(parts, reward_fn.weights, n), parts)
-    return Scores(check_rewards(reward_fn(list(prompts), list(completions), **fields), n, _reward_name(reward_fn)), {})
+    return Scores(
+        check_rewards(reward_fn(list(prompts), list(completions), **fields), n, _reward_name(reward_fn)), {}
+    )
 
 
 # ----------------------------------------------------------------------------- by name or import path
@@ -324,7 +346,9 @@ def load_reward(path: str, **kwargs: Any) -> RewardFn:
     `kwargs` are bound with functools.partial (a class is instantiated with them)."""
     module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"reward path {path!r} must look like 'package.module.function' (or 'package.module:function').")
+        raise ValueError(
+            f"reward path {path!r} must look like 'package.module.function' (or 'package.module:function')."
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -355,5 +379,7 @@ def build_reward(name: str, **kwargs: Any) -> RewardFn:
         target = builtin[name]
         return target(**kwargs) if isinstance(target, type) else partial(target, **kwargs)
     if "." not in name and ":" not in name:
-        raise ValueError(f"Unknown reward {name!r}; choose one of {sorted(builtin)} or give an import path (pkg.module.fn).")
+        raise ValueError(
+            f"Unknown reward {name!r}; choose one of {sorted(builtin)} or give an import path (pkg.module.fn)."
+        )
     return load_reward(name, **kwargs)

@@ -53,7 +53,9 @@ class PromptSet:
         )
 
 
-def build_prompt_set(rows, question_field: str, tokenizer, template: str | None, max_length: int) -> PromptSet:
+def build_prompt_set(
+    rows, question_field: str, tokenizer, template: str | None, max_length: int
+) -> PromptSet:
     """Prompts of a `datasets.Dataset` split; questions whose prompt fills the `max_length` canvas are
     dropped with a warning (they leave no room for an answer)."""
     if question_field not in rows.column_names:
@@ -72,7 +74,9 @@ def build_prompt_set(rows, question_field: str, tokenizer, template: str | None,
     if not keep:
         raise ValueError(f"No prompt fits the {max_length}-token canvas; raise rl.max_length.")
     return PromptSet(
-        [ids[i] for i in keep], [questions[i] for i in keep], {c: [v[i] for i in keep] for c, v in others.items()}
+        [ids[i] for i in keep],
+        [questions[i] for i in keep],
+        {c: [v[i] for i in keep] for c, v in others.items()},
     )
 
 
@@ -123,7 +127,9 @@ class Rollout:
     def examples(self, rows: Sequence[int], weights: Sequence[float], eos_id: int) -> list[dict[str, Any]]:
         """SFT examples (`rl.buffer.make_example`) of `rows` with their weights."""
         return [
-            make_example(self.prompt_ids[int(self.group[r])], self.tokens[r], bool(self.finished[r]), eos_id, w)
+            make_example(
+                self.prompt_ids[int(self.group[r])], self.tokens[r], bool(self.finished[r]), eos_id, w
+            )
             for r, w in zip(rows, weights, strict=True)
         ]
 
@@ -197,7 +203,8 @@ def generate_rollouts(
     group = torch.arange(len(prompt_ids)).repeat_interleave(k)
     finished = torch.tensor([c.finished for c in completions], dtype=torch.bool)
     examples = [
-        make_example(prompt_ids[b], c.tokens, c.finished, eos) for b, c in zip(group.tolist(), completions, strict=True)
+        make_example(prompt_ids[b], c.tokens, c.finished, eos)
+        for b, c in zip(group.tolist(), completions, strict=True)
     ]
     batch = collate(examples, eos, max_length if pad_with_eos else None)
     return Rollout(

@@ -100,9 +100,15 @@ def load_offline(offline: OfflineData, tokenizer, template: str | None, max_leng
 
     splits = data.load_raw_dataset(offline.dataset)
     if offline.split not in splits:
-        raise ValueError(f"{offline.dataset} has splits {list(splits)}; set rl.method.offline.split to one of them.")
+        raise ValueError(
+            f"{offline.dataset} has splits {list(splits)}; set rl.method.offline.split to one of them."
+        )
     rows = splits[offline.split]
-    for role, col in (("prompt", offline.prompt_field), ("completion", offline.completion_field), ("reward", offline.reward_field)):
+    for role, col in (
+        ("prompt", offline.prompt_field),
+        ("completion", offline.completion_field),
+        ("reward", offline.reward_field),
+    ):
         if col not in rows.column_names:
             raise ValueError(
                 f"The offline dataset has no {role} column {col!r} (columns: {rows.column_names}); set "
@@ -144,14 +150,20 @@ class RewardWeighted:
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"rl.method.weighting={self.weighting!r} is not valid; choose one of {WEIGHTINGS}.")
+            raise ValueError(
+                f"rl.method.weighting={self.weighting!r} is not valid; choose one of {WEIGHTINGS}."
+            )
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"rl.method.normalize={self.normalize!r} is not valid; choose one of {NORMALIZATIONS}.")
+            raise ValueError(
+                f"rl.method.normalize={self.normalize!r} is not valid; choose one of {NORMALIZATIONS}."
+            )
         if self.beta <= 0 or self.max_weight <= 0 or self.kl_coef < 0:
             raise ValueError(
                 f"rl.method.beta={self.beta} and max_weight={self.max_weight} must be > 0, kl_coef={self.kl_coef} >= 0."
             )
-        if isinstance(self.offline, dict) or (self.offline is not None and not isinstance(self.offline, OfflineData)):
+        if isinstance(self.offline, dict) or (
+            self.offline is not None and not isinstance(self.offline, OfflineData)
+        ):
             self.offline = OfflineData(**dict(self.offline))
         if self.offline is not None and self.offline.dataset is None:
             self.offline = None

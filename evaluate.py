@@ -25,13 +25,14 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import data
+import recipe
 import utils
 from answers import extract_answer, grade_samples, summarize_grades
 from generation import (
@@ -156,9 +157,9 @@ def evaluate_likelihood(
     return {**result.as_dict(), "unit": unit, **info}
 
 
-def evaluate_genppl(model, graph, noise, tokenizer, args, **run) -> dict[str, Any]:
-    """Perplexity of `--genppl_samples` unconditional samples under `--eval_model`."""
-    lm, lm_tokenizer = load_causal_lm(args.eval_model, run["device"])  # fail before sampling, not after
+def evaluate_genppl(model, graph, noise, tokenizer, causal_lm, args, **run) -> dict[str, Any]:
+    """Perplexity of `--genppl_samples` unconditional samples under `causal_lm` = (model, its tokenizer)."""
+    lm, lm_tokenizer = causal_lm
     length = args.length or model.arch.length
     tokens = sample_canvases(
         model,
@@ -258,6 +259,26 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--pass_k {too_big} must lie in [1, --num_samples={args.num_samples}]; sample more.")
 
 
+def load_split(args: argparse.Namespace) -> tuple[Any, data.FieldSpec]:
+    """The first `--limit` rows of `--split` of `--dataset`, and which columns are question and answer."""
+    splits = data.load_raw_dataset(args.dataset)
+    if args.split not in splits:
+        raise ValueError(
+            f"{args.dataset} has splits {list(splits)}, not {args.split!r}; choose one with --split."
+        )
+    rows = splits[args.split]
+    rows = rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
+    spec = data.resolve_fields(
+        rows.column_names,
+        text_field=args.text_field,
+        question_field=args.question_field,
+        response_field=args.response_field,
+        thinking_field=args.thinking_field,
+        attempt_field=args.attempt_field,
+    )
+    return rows, spec
+
+
 def print_summary(results: dict[str, Any]) -> None:
     if "accuracy" in results:
         s = results["accuracy"]["summary"]
@@ -289,48 +310,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, graph, noise, tokenizer = load_text_model(args.model_path, device)
 
-    results: dict[str, Any] = {"model_path": str(args.model_path), "settings": vars(args)}
     modes = [m for m in MODES if m in args.mode]
-    if args.dataset and ({"accuracy", "likelihood"} & set(modes)):
-        splits = data.load_raw_dataset(args.dataset)
-        if args.split not in splits:
-            raise ValueError(
-                f"{args.dataset} has splits {list(splits)}, not {args.split!r}; choose one with --split."
-            )
-        rows = splits[args.split]
-        rows = rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
-        spec = data.resolve_fields(
-            rows.column_names,
-            text_field=args.text_field,
-            question_field=args.question_field,
-            response_field=args.response_field,
-            thinking_field=args.thinking_field,
-            attempt_field=args.attempt_field,
-        )
+    # load the causal LM first: a missing one fails the run now, not after the sampling
+    causal_lm = load_causal_lm(args.eval_model, device) if "genppl" in modes else None
+    jobs: dict[str, Callable[[], dict[str, Any]]] = {}
+    if {"accuracy", "likelihood"} & set(modes):
+        rows, spec = load_split(args)
         fmt = prompt_format(args.model_path, model.arch.length, raw=args.raw_prompt)
         logger.info(f"{args.dataset}[{args.split}]: {len(rows)} rows, fields {spec.describe()}, format {fmt}")
         if spec.mode == "text" and "accuracy" in modes and args.mode == parser.get_default("mode"):
             logger.info("Plain-text data: no answers to grade, evaluating the likelihood only.")
             modes.remove("accuracy")
-        if "accuracy" in modes:
-            results["accuracy"] = evaluate_accuracy(
-                model, graph, noise, tokenizer, rows, spec, fmt, args, **run
-            )
-        if "likelihood" in modes:
-            results["likelihood"] = evaluate_likelihood(
-                model, graph, noise, tokenizer, rows, spec, fmt, args, **run
-            )
-    if "genppl" in modes:
-        results["genppl"] = evaluate_genppl(model, graph, noise, tokenizer, args, **run)
+        task = (model, graph, noise, tokenizer, rows, spec, fmt, args)
+        jobs["accuracy"] = lambda: evaluate_accuracy(*task, **run)
+        jobs["likelihood"] = lambda: evaluate_likelihood(*task, **run)
+    jobs["genppl"] = lambda: evaluate_genppl(model, graph, noise, tokenizer, causal_lm, args, **run)
 
+    results: dict[str, Any] = {"model_path": str(args.model_path), "settings": vars(args)}
+    for mode in modes:
+        results[mode] = jobs[mode]()
+        if args.output:  # after every mode, so that a later failure keeps the finished results
+            path = Path(args.output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+            logger.info(f"Wrote {mode} results to {path}")
     print_summary(results)
-    if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-        logger.info(f"Wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recipe.user_errors_exit(main)(sys.argv[1:]))  # fixable errors: their message and exit code 1

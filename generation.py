@@ -82,7 +82,9 @@ def complete(
         batch = jobs[start : start + batch_size]
         lengths = [min(max_length, len(p) + max_new_tokens) for p in batch]
         length = max(lengths)
-        tokens, fixed = sampling.prompt_batch(batch, length, mask_id=graph.dim - 1, pad_id=eos, lengths=lengths)
+        tokens, fixed = sampling.prompt_batch(
+            batch, length, mask_id=graph.dim - 1, pad_id=eos, lengths=lengths
+        )
         attention_mask = torch.arange(length)[None] < torch.tensor(lengths)[:, None]
         out = sampling.sample(
             model,
@@ -98,7 +100,8 @@ def complete(
             autocast_dtype=PRECISIONS[precision],
         )
         for prompt, row, row_length in zip(batch, out.tolist(), lengths, strict=True):
-            answer, finished = cut_at_eos(row[len(prompt) : row_length], eos)  # the EOS padding is not an answer
+            # the row ends at its own length: the EOS padding after it is not a generated EOS
+            answer, finished = cut_at_eos(row[len(prompt) : row_length], eos)
             results.append(Completion(answer, tokenizer.decode(answer), finished))
     return results
 

@@ -145,7 +145,7 @@ def load_causal_lm(name_or_path: str | Path, device: torch.device | str = "cpu")
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         lm = AutoModelForCausalLM.from_pretrained(str(name_or_path))
     except OSError as err:
-        raise OSError(
+        raise FileNotFoundError(
             f"Cannot load the causal LM {str(name_or_path)!r} for generative perplexity ({err}). It is neither a "
             "local directory nor in the HuggingFace cache (offline, the hub cannot be asked). Download it once "
             f"with `huggingface-cli download {name_or_path}`, or pass --eval_model <directory of a causal LM "

@@ -183,12 +183,14 @@ def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- preemption
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM's warnings): the loop saves at the next step boundary and exits."""
+    """Set by SIGTERM / SIGUSR1 (SLURM's warnings): the loop saves at the next step boundary, then hands the
+    signal to the handler that was installed before (submitit's, which requeues the job) and stops."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
@@ -197,6 +199,17 @@ class PreemptionFlag:
         """True on every process once any process got a signal."""
         flag = torch.tensor(float(self.signal is not None))
         return bool(utils.all_reduce_mean(flag) > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def forward(self) -> None:
+        """After the save: restore the earlier handlers and call the one for the received signal, if any."""
+        self.restore()
+        handler = self.previous.get(self.signal)
+        if callable(handler):
+            handler(self.signal, None)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -310,52 +323,55 @@ def run_loop(
         dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 30,  # a redirected log gets a line every 30 s
     )
-    window: list[StepResult] = []
-    tick = time.perf_counter()
-    while state.step < loop.n_iters:
-        result = step_fn(state)
-        if result.skipped:
-            logger.warning(
-                f"step {state.step}: non-finite loss/gradient ({result.loss}, {result.grad_norm}); update skipped "
-                f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in total)"
-            )
-            if state.nonfinite_in_row >= loop.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step}; stopping. The last "
-                    f"good checkpoint is in {run_dir / 'checkpoints-meta'}. Lower optim.lr or check the data."
+    try:
+        window: list[StepResult] = []
+        tick = time.perf_counter()
+        while state.step < loop.n_iters:
+            result = step_fn(state)
+            if result.skipped:
+                logger.warning(
+                    f"step {state.step}: non-finite loss/gradient ({result.loss}, {result.grad_norm}); update skipped "
+                    f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in total)"
                 )
-            continue
-        window.append(result)
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}")
-        step = state.step
-        if step % loop.log_freq == 0 or step == loop.n_iters:
-            elapsed = time.perf_counter() - tick
-            tokens = sum(r.n_scored for r in window)
-            metrics.log(
-                step,
-                {
-                    "loss": sum(r.loss * r.n_scored for r in window) / max(tokens, 1),
-                    "grad_norm": sum(r.grad_norm for r in window) / len(window),
-                    "lr": window[-1].lr,
-                    "scored_tokens_per_s": tokens / max(elapsed, 1e-9),
-                },
-                "train",
-            )
-            window, tick = [], time.perf_counter()
-        if eval_fn is not None and (step % loop.eval_freq == 0 or step == loop.n_iters):
-            metrics.log(step, eval_fn(state), "eval")
-        if step % loop.snapshot_freq == 0 or step == loop.n_iters:
-            save_all(state, run_dir, loop.keep_last, numbered=True, extra_files=files())
-        elif step % loop.snapshot_freq_for_preemption == 0:
-            save_all(state, run_dir, loop.keep_last, numbered=False)
-        if preempt.is_set():
-            save_all(state, run_dir, loop.keep_last, numbered=False)
-            logger.info(f"Signal {preempt.signal} received: saved step {step} to {run_dir}; exiting to be resumed.")
-            bar.close()
-            return "preempted"
-    bar.close()
-    return "done"
+                if state.nonfinite_in_row >= loop.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step}; stopping. The last "
+                        f"good checkpoint is in {run_dir / 'checkpoints-meta'}. Lower optim.lr or check the data."
+                    )
+                continue
+            window.append(result)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}")
+            step = state.step
+            if step % loop.log_freq == 0 or step == loop.n_iters:
+                elapsed = time.perf_counter() - tick
+                tokens = sum(r.n_scored for r in window)
+                metrics.log(
+                    step,
+                    {
+                        "loss": sum(r.loss * r.n_scored for r in window) / max(tokens, 1),
+                        "grad_norm": sum(r.grad_norm for r in window) / len(window),
+                        "lr": window[-1].lr,
+                        "scored_tokens_per_s": tokens / max(elapsed, 1e-9),
+                    },
+                    "train",
+                )
+                window, tick = [], time.perf_counter()
+            if eval_fn is not None and (step % loop.eval_freq == 0 or step == loop.n_iters):
+                metrics.log(step, eval_fn(state), "eval")
+            if step % loop.snapshot_freq == 0 or step == loop.n_iters:
+                save_all(state, run_dir, loop.keep_last, numbered=True, extra_files=files())
+            elif step % loop.snapshot_freq_for_preemption == 0:
+                save_all(state, run_dir, loop.keep_last, numbered=False)
+            if preempt.is_set():
+                save_all(state, run_dir, loop.keep_last, numbered=False)
+                logger.info(f"Signal {preempt.signal} received: saved step {step} to {run_dir}; exiting to be resumed.")
+                preempt.forward()
+                return "preempted"
+        return "done"
+    finally:
+        bar.close()
+        preempt.restore()
 
 
 def batch_stream(

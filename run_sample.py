@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+import recipe
 import utils
 from generation import load_text_model, prompt_format, prompted_samples, sample_canvases
 from training import PRECISIONS, resolve_precision
@@ -219,4 +220,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recipe.user_errors_exit(main)(sys.argv[1:]))  # fixable errors: their message and exit code 1

@@ -17,6 +17,7 @@ score-entropy loss. The run directory has the layout of sft.py's (`checkpoints/`
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -273,6 +274,7 @@ def write_samples(
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="train")
+@recipe.user_errors_exit
 def main(cfg: DictConfig) -> None:
     cfg = recipe.resume_config(cfg)
     validate_config(cfg)
@@ -280,4 +282,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    recipe.preflight_output_dir(sys.argv[1:])
     main()

@@ -24,7 +24,9 @@ def blocks(n: int, length: int, seed: int) -> list[dict]:
 
 def bound(model, data, batch_size=2, n_t=16, seed=0) -> float:
     graph, noise = graph_lib.get_graph(model.config), noise_lib.get_noise(model.config)
-    return negative_elbo(model, graph, noise, text_batches(data, batch_size), n_t=n_t, seed=seed).nats_per_token
+    return negative_elbo(
+        model, graph, noise, text_batches(data, batch_size), n_t=n_t, seed=seed
+    ).nats_per_token
 
 
 def test_overfit_model_has_far_lower_bound_on_its_data(tiny_config):
@@ -68,7 +70,10 @@ def test_sft_batches_score_the_response_only(tiny_model):
     assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0]]
     assert batch["n_tokens"].tolist() == [3, 3]
     _, padded = next(sft_batches(examples, batch_size=2, eos_id=49, pad_to=8))
-    assert padded["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]]  # EOS fill scored
+    assert padded["loss_mask"].tolist() == [
+        [0, 0, 0, 1, 1, 1, 1, 1],
+        [0, 1, 1, 1, 1, 1, 1, 1],
+    ]  # EOS fill scored
     assert padded["input_ids"][1].tolist() == [10, 11, 12, 49, 49, 49, 49, 49]
     assert padded["n_tokens"].tolist() == [3, 3]  # still per response token
     graph, noise = graph_lib.get_graph(tiny_model.config), noise_lib.get_noise(tiny_model.config)

@@ -27,7 +27,11 @@ from tests.tiny_models import (  # noqa: F401 (one_thread: autouse fixture)
 from tokenizer import EOS_ID, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["Hi", "What is 12 plus 30?", "Tom has 23 apples and buys 45 more. How many apples does Tom have now?"]
+PROMPTS = [
+    "Hi",
+    "What is 12 plus 30?",
+    "Tom has 23 apples and buys 45 more. How many apples does Tom have now?",
+]
 FORMAT = PromptFormat(template="Question: {question}\nAnswer: ", max_length=48, pad_with_eos=True)
 
 
@@ -62,7 +66,15 @@ def test_prompted_sampling_keeps_prompts_stops_at_eos_in_batches(tokenizer, yes_
     model = token_preferring_sedd({yes_id: 0.7, EOS_ID: 0.3})  # every free position: " yes" or EOS
     recorder = Recorder(model).eval()
     records = prompted_samples(
-        recorder, *graph_noise(model), tokenizer, PROMPTS, FORMAT, steps=4, num_samples=2, batch_size=4, seed=0
+        recorder,
+        *graph_noise(model),
+        tokenizer,
+        PROMPTS,
+        FORMAT,
+        steps=4,
+        num_samples=2,
+        batch_size=4,
+        seed=0,
     )
     encoded = encode_prompts(tokenizer, PROMPTS, FORMAT.template)
     assert len({len(p) for p in encoded}) == 3  # three different prompt lengths
@@ -85,7 +97,9 @@ def test_canvas_without_eos_padding_is_prompt_plus_budget(tokenizer, yes_id):
     model = token_preferring_sedd({yes_id: 1.0})  # never ends
     recorder = Recorder(model).eval()
     fmt = PromptFormat(template=FORMAT.template, max_length=64, pad_with_eos=False)
-    records = prompted_samples(recorder, *graph_noise(model), tokenizer, PROMPTS, fmt, steps=4, max_new_tokens=5)
+    records = prompted_samples(
+        recorder, *graph_noise(model), tokenizer, PROMPTS, fmt, steps=4, max_new_tokens=5
+    )
     longest = max(len(p) for p in encode_prompts(tokenizer, PROMPTS, fmt.template))
     assert {x.shape[1] for x in recorder.calls} == {longest + 5}  # shorter rows are padded, not longer
     for record in records:
@@ -148,7 +162,9 @@ def test_read_prompts_file(tmp_path):
     lines.write_text("first prompt\n\nsecond prompt\n")
     assert run_sample.read_prompts_file(lines) == ["first prompt", "second prompt"]
     rows = tmp_path / "prompts.jsonl"
-    rows.write_text(json.dumps({"question": "q1", "answer": "a"}) + "\n" + json.dumps({"prompt": "q2"}) + "\n")
+    rows.write_text(
+        json.dumps({"question": "q1", "answer": "a"}) + "\n" + json.dumps({"prompt": "q2"}) + "\n"
+    )
     assert run_sample.read_prompts_file(rows) == ["q1", "q2"]
     rows.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match="no 'prompt' or 'question'"):

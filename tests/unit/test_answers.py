@@ -30,7 +30,10 @@ OUTPUTS = [
     ("Balance: -4\n#### -4", "-4"),
     # MATH-style boxed answers, nested braces, the last box wins
     ("We get $x = \\frac{1}{2}$, so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
-    ("First \\boxed{3}, but correcting: \\boxed{\\sqrt{2^{3}} + \\frac{a}{b_{1}}}", "\\sqrt{2^{3}} + \\frac{a}{b_{1}}"),
+    (
+        "First \\boxed{3}, but correcting: \\boxed{\\sqrt{2^{3}} + \\frac{a}{b_{1}}}",
+        "\\sqrt{2^{3}} + \\frac{a}{b_{1}}",
+    ),
     ("The area is $\\boxed{12\\text{ cm}^2}$", "12\\text{ cm}^2"),
     ("Final: \\boxed{1,000}", "1000"),
     # S1K thinking mode: the Attempt section decides, not numbers in the reasoning

@@ -7,19 +7,23 @@
     python run_rl.py load_dir=exp_local/rl/reft/2024.01.15/120000                  # resume
     python run_rl.py -m hydra.launcher.partition=gpu ngpus=8 rl.pretrained_model=...   # SLURM (submitit)
 
-Methods (`rl/method`, instantiated from `_target_`): `reft` (rl/reft.py, rejection-sampling fine-tuning) and
-`rwd` (rl/rwd.py, reward-weighted denoising). Rewards (`reward`): configs/reward/*.yaml, or your own function.
+Methods (`rl/method`, instantiated from `_target_`): `reft` (rl/reft.py, rejection-sampling fine-tuning),
+`rwd` (rl/rwd.py, reward-weighted denoising), `dpo` (rl/dpo.py, diffusion DPO) and `pg` (rl/pg.py, GRPO-style
+policy gradient). Rewards (`reward`): configs/reward/*.yaml, or your own function.
 
 One iteration: `rl.k` completions of each of `rl.prompts_per_iter` prompts from the policy (rl/rollout.py),
 their rewards (rl/rewards.py) and KL estimate to the starting model (rl/kl.py), the method's selection and
 weights, then `rl.epochs` passes of optimizer updates over the selected completions with the SFT loss,
-weighted per completion (rl/buffer.py). `training.n_iters` counts optimizer updates; checkpoints, resume,
-DDP and preemption are sft.py's (recipe.py). Options: configs/rl.yaml (`python run_rl.py --cfg job`).
+weighted per completion (rl/buffer.py). The likelihood-ratio methods (dpo, pg: `method.needs_reference`)
+bring their own examples, batches and loss instead: `prepare` scores an iteration's examples once under the
+sampling policy and the reference (rl/estimators.py), `collate` and `loss` make each update.
+`training.n_iters` counts optimizer updates; checkpoints, resume, DDP and preemption are sft.py's (recipe.py). Options: configs/rl.yaml (`python run_rl.py --cfg job`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import hydra
@@ -203,6 +207,15 @@ def sample_metrics(rows: dict[str, list[Any]]) -> dict[str, float]:
     return metrics
 
 
+def mean_metrics(values: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over a list of micro-batches' metrics, averaged over processes."""
+    keys = sorted({k for v in values for k in v})
+    means = torch.tensor(
+        [sum(v[k] for v in values if k in v) / sum(k in v for v in values) for k in keys], dtype=torch.float64
+    )
+    return dict(zip(keys, utils.all_reduce_mean(means).tolist(), strict=True))
+
+
 # ----------------------------------------------------------------------------- run
 def run_rl(cfg: DictConfig) -> str:
     run_dir = utils.check_writable_dir(cfg.work_dir)
@@ -232,17 +245,38 @@ def run_rl(cfg: DictConfig) -> str:
     fmt = rollout_format(cfg, model)
     pad_to = fmt.max_length if fmt.pad_with_eos else None
     reference = None
-    if cfg.rl.kl_estimate or getattr(method, "kl_coef", 0) > 0:
+    likelihood_method = getattr(method, "needs_reference", False)  # dpo, pg
+    if cfg.rl.kl_estimate or getattr(method, "kl_coef", 0) > 0 or likelihood_method:
         reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    scorer = None
+    if likelihood_method:
+        scorer = method.scorer(
+            graph,
+            noise,
+            reference,
+            seed=cfg.seed,
+            sampling_eps=cfg.training.sampling_eps,
+            eos_id=eos_id,
+            pad_to=pad_to,
+            device=device,
+            precision=precision,
+            batch_size=cfg.sampling.batch_size,
+        )
     model.to(device).train()
     reward_fn = instantiate(cfg.reward)
     prompts, evaluation = build_prompts(cfg, tokenizer, fmt, logger)
     offline: OfflineGroups | None = None
     if method.offline is not None:
-        offline = load_offline(method.offline, tokenizer, fmt.template, fmt.max_length)
+        if hasattr(method, "load_offline"):  # dpo: preference pairs
+            offline = method.load_offline(tokenizer, fmt.template, fmt.max_length)
+        else:
+            offline = load_offline(method.offline, tokenizer, fmt.template, fmt.max_length)
         logger.info(
             f"Offline data: {sum(len(g) for g in offline.groups)} scored completions of {len(offline)} prompts"
         )
+    heldout = (
+        method.load_eval(tokenizer, fmt.template, fmt.max_length) if hasattr(method, "load_eval") else None
+    )
 
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
@@ -320,6 +354,10 @@ def run_rl(cfg: DictConfig) -> str:
             )
         return rows
 
+    def prepare(examples: list[dict], policy, id_base: int) -> list[dict]:
+        """dpo/pg: the selected examples scored once under the policy that sampled them and the reference."""
+        return examples if scorer is None else method.prepare(examples, policy, scorer, id_base)
+
     def collect(st: TrainState) -> None:
         """One iteration's data: sample (or read offline), score, select, and refill the buffer (all processes)."""
         indices = next(stream)
@@ -334,6 +372,8 @@ def run_rl(cfg: DictConfig) -> str:
                 dict(examples_all[r], weight=w)
                 for r, w in zip(selection.rows, selection.weights, strict=True)
             ]
+            with policy_weights(st, use_ema=False) as policy:
+                examples = prepare(examples, policy, id_base)
             records = [
                 {"prompt": offline.questions[i], "completion": text, "reward": r}
                 for i, g in zip(indices, groups, strict=True)
@@ -363,9 +403,11 @@ def run_rl(cfg: DictConfig) -> str:
                     show_progress=utils.is_main_process(),
                 )
                 rows = score_rollout(policy, rollout, id_base)
-            keys = [tuple(t) for t in rollout.tokens]
-            selection = method.select(rows["reward"], cfg.rl.k, keys=keys, kl=rows.get("kl"))
-            examples = rollout.examples(selection.rows, selection.weights, eos_id)
+                keys = [tuple(t) for t in rollout.tokens]
+                selection = method.select(rows["reward"], cfg.rl.k, keys=keys, kl=rows.get("kl"))
+                examples = prepare(
+                    rollout.examples(selection.rows, selection.weights, eos_id), policy, id_base
+                )
             records = [
                 {"prompt": rollout.questions[b], "completion": text, "reward": r}
                 for b, text, r in zip(rollout.group.tolist(), rollout.texts, rows["reward"], strict=True)
@@ -398,6 +440,15 @@ def run_rl(cfg: DictConfig) -> str:
                 record.update(iteration=buffer.iteration, step=st.step)
             write_jsonl(run_dir / "samples" / f"iter_{buffer.iteration}.jsonl", records)
 
+    loss_metrics: list[dict[str, float]] = []  # dpo/pg: the metrics of each micro-batch since the last log
+
+    def loss_fn(fwd, mb: dict[str, torch.Tensor]):
+        if scorer is None:
+            return weighted_batch_loss(fwd, mb, graph, noise, cfg.training.sampling_eps)
+        terms, values = method.loss(fwd, mb, scorer)
+        loss_metrics.append(values)
+        return terms
+
     def step_fn(st: TrainState):
         while buffer.steps_left == 0:
             collect(st)
@@ -418,23 +469,26 @@ def run_rl(cfg: DictConfig) -> str:
             seed=cfg.seed,
             step=st.step,
             device=device,
+            collate_fn=None if scorer is None else functools.partial(method.collate, scorer=scorer),
         )
         result = train_step(
-            st,
-            forward_model,
-            batches,
-            lambda fwd, mb: weighted_batch_loss(fwd, mb, graph, noise, cfg.training.sampling_eps),
-            precision=precision,
-            device=device,
-            grad_clip=optim.grad_clip,
+            st, forward_model, batches, loss_fn, precision=precision, device=device, grad_clip=optim.grad_clip
         )
         st.extra["rl"] = buffer.state_dict()
+        if loss_metrics and (st.step % cfg.training.log_freq == 0 or st.step >= cfg.training.n_iters):
+            metrics.log(st.step, mean_metrics(loss_metrics), "train")
+            loss_metrics.clear()
         return result
 
     def eval_fn(st: TrainState) -> dict[str, float]:
-        """Held-out prompts, one sample each from the EMA weights (what is exported), fixed seed."""
+        """Held-out prompts, one sample each from the EMA weights (what is exported), fixed seed; held-out
+        preference pairs (dpo with rl.method.offline.eval_split)."""
+        values = {}
+        if heldout is not None:
+            with policy_weights(st, use_ema=True) as policy:
+                values = method.evaluate(policy, heldout, scorer)
         if evaluation is None:
-            return {}
+            return values
         mine = list(range(rank, len(evaluation), world))
         ids, questions, fields = evaluation.take(mine)
         with policy_weights(st, use_ema=True) as policy:
@@ -466,7 +520,7 @@ def run_rl(cfg: DictConfig) -> str:
         records = gather(records)
         if cfg.logging.samples and utils.is_main_process():
             write_jsonl(run_dir / "samples" / f"eval_step_{st.step}.jsonl", records)
-        return sample_metrics(gathered)
+        return {**values, **sample_metrics(gathered)}
 
     def extra_files() -> dict[str, dict]:
         return {
@@ -491,7 +545,7 @@ def run_rl(cfg: DictConfig) -> str:
         keep_last=cfg.training.keep_last,
         max_nonfinite=cfg.training.max_nonfinite,
     )
-    has_eval = evaluation is not None
+    has_eval = evaluation is not None or heldout is not None
     if state.step == 0 and has_eval:
         metrics.log(0, eval_fn(state), "eval")
     try:

@@ -14,7 +14,7 @@ as `training.train_step` does (weights 1 give exactly the SFT loss):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,19 @@ def make_example(
     unfinished completion was cut by the canvas, so it gets no EOS, as a truncated SFT response)."""
     ids = [int(t) for t in prompt] + [int(t) for t in completion] + ([eos_id] if finished else [])
     return {"input_ids": ids, "prompt_len": len(prompt), "weight": float(weight)}
+
+
+def encode_completions(
+    tokenizer, questions: Sequence[str], completions: Sequence[str], template: str | None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and completion token ids of (question, completion) text pairs, tokenized as SFT data: the
+    question rendered in `template`, the completion as it follows the prompt (`data.join_response`)."""
+    from generation import encode_prompts
+
+    prompts = encode_prompts(tokenizer, questions, template)
+    rendered = [data.PromptTemplate(prompt=template).render_prompt(q) if template else q for q in questions]
+    joined = [data.join_response(p, c) for p, c in zip(rendered, completions, strict=True)]
+    return prompts, tokenizer(joined, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def collate(examples: Sequence[dict[str, Any]], eos_id: int, pad_to: int | None) -> dict[str, torch.Tensor]:
@@ -155,10 +168,12 @@ def micro_batches(
     seed: int,
     step: int,
     device: torch.device,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """This process's share of a global minibatch (`positions`), split into `accum` micro-batches, each
     collated and given the noise draws of its examples for `step` (seeded by stream position, so the update
-    does not depend on the number of processes or the accumulation split)."""
+    does not depend on the number of processes or the accumulation split). `collate_fn`: a method's own
+    collation (dpo, pg), whose batches carry their own noise ids."""
     world, rank = utils.get_world_size(), utils.get_rank()
     per_rank = len(positions) // world
     mine = list(positions[rank * per_rank : (rank + 1) * per_rank])
@@ -166,7 +181,11 @@ def micro_batches(
     batches = []
     for i in range(accum):
         part = mine[i * size : (i + 1) * size]
-        batch = to_device(collate([buffer.example_at(p, seed) for p in part], eos_id, pad_to), device)
+        examples = [buffer.example_at(p, seed) for p in part]
+        if collate_fn is not None:
+            batches.append(collate_fn(examples))
+            continue
+        batch = to_device(collate(examples, eos_id, pad_to), device)
         id_base = buffer.iteration * 10_000_000
         batch["draws"] = example_noise(
             [id_base + p for p in part], batch["input_ids"].shape[1], seed, step, device

@@ -110,7 +110,14 @@ def user_errors_exit(main: Callable[[DictConfig], None]) -> Callable[[DictConfig
     Set SEDD_TRACEBACK=1 to see the traceback."""
     from checkpoint import CheckpointError
 
-    fixable = (ValueError, FileNotFoundError, ConnectionError, PermissionError, CheckpointError, NonFiniteLossError)
+    fixable = (
+        ValueError,
+        FileNotFoundError,
+        ConnectionError,
+        PermissionError,
+        CheckpointError,
+        NonFiniteLossError,
+    )
 
     @functools.wraps(main)
     def wrapped(cfg: DictConfig) -> None:
@@ -183,10 +190,11 @@ def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- preemption
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM's warnings): the loop saves at the next step boundary, then hands the
-    signal to the handler that was installed before (submitit's, which requeues the job) and stops."""
+    """Set by SIGTERM / SIGUSR1 (SLURM's warnings) and SIGUSR2 (submitit's timeout/preemption signal): the loop
+    saves at the next step boundary, then hands the signal to the handler that was installed before
+    (submitit's, which requeues the job on SIGUSR2) and stops."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -365,7 +373,9 @@ def run_loop(
                 save_all(state, run_dir, loop.keep_last, numbered=False)
             if preempt.is_set():
                 save_all(state, run_dir, loop.keep_last, numbered=False)
-                logger.info(f"Signal {preempt.signal} received: saved step {step} to {run_dir}; exiting to be resumed.")
+                logger.info(
+                    f"Signal {preempt.signal} received: saved step {step} to {run_dir}; exiting to be resumed."
+                )
                 preempt.forward()
                 return "preempted"
         return "done"
@@ -374,9 +384,7 @@ def run_loop(
         preempt.restore()
 
 
-def batch_stream(
-    sampler, per_rank_batch: int, state: TrainState
-) -> Iterator[list[int]]:
+def batch_stream(sampler, per_rank_batch: int, state: TrainState) -> Iterator[list[int]]:
     """This process's dataset indices for each step, endlessly over epochs, starting at the state's data
     position (`epoch`, `batches_in_epoch`) and advancing it, so that a resumed run sees the same data."""
     while True:

@@ -55,17 +55,63 @@ def test_signal_saves_exits_zero_and_resumes(tmp_path, sig):
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(run_dir)[0]["step"] == saved_step + 2
-    assert f"Resumed from" in log.read_text()
+    assert "Resumed from" in log.read_text()
 
 
-def test_previous_handler_is_called_after_the_save():
+@pytest.mark.parametrize("sig", PreemptionFlag.SIGNALS)
+def test_previous_handler_is_called_after_the_save(sig):
+    """submitit installs its requeue handler on SIGUSR2 (and a bypass on SIGTERM) before the job runs."""
     calls = []
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    previous = signal.signal(sig, lambda signum, frame: calls.append(signum))
     try:
         flag = PreemptionFlag()
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), sig)
         assert flag.is_set() and calls == []  # ours runs first: nothing is handed on before the save
         flag.forward()
-        assert calls == [signal.SIGUSR1]
+        assert calls == [sig]
+        assert signal.getsignal(sig) is not flag._handle  # the earlier handler is back
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(sig, previous)
+
+
+def submitit_workers(sweep_dir: Path) -> list[int]:
+    """Pids of the submitit local job processes of a sweep (`python -m submitit.core._submit <sweep>/.submitit/...`)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended while we looked
+            continue
+        if b"submitit.core._submit" in args and any(str(sweep_dir).encode() in a for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job process through /proc (Linux)")
+def test_submitit_job_saves_requeues_and_resumes(tmp_path):
+    """SIGUSR2 is what SLURM sends a submitit job before its time limit or on preemption: the run saves,
+    submitit requeues the job (hydra-submitit-launcher's `checkpoint`), and the requeued job resumes the run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    data_dir = write_qa_dataset(tmp_path / "data")
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}",
+            *TINY_OVERRIDES, f"sft.dataset={data_dir}", "training.n_iters=12"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "sft.py"), *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    log = sweep / "0" / "train.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and log.read_text().count("train: loss=") >= 3):
+        time.sleep(0.2)
+    workers = submitit_workers(sweep)
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    text = log.read_text()
+    saved = int(text.split("saved step ")[1].split()[0])
+    assert 3 <= saved < 12
+    assert f"Resumed from {sweep / '0' / 'checkpoints-meta' / 'checkpoint.pth'} at step {saved}" in text
+    assert load_checkpoint(sweep / "0")[0]["step"] == 12

@@ -3,11 +3,13 @@ feeds a second stage, and its update does not depend on how the global batch is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+import recipe
 import sft
 from checkpoint import load_checkpoint
 from load_model import load_model
@@ -56,7 +58,10 @@ def test_resume_n_plus_n_equals_2n(tmp_path):
     for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     logs = [(tmp_path / d / "train.log").read_text() for d in ("straight", "resumed")]
-    losses = [[line.split("loss=")[1].split(",")[0] for line in log.splitlines() if "train: loss=" in line] for log in logs]
+    losses = [
+        [line.split("loss=")[1].split(",")[0] for line in log.splitlines() if "train: loss=" in line]
+        for log in logs
+    ]
     assert losses[0] == losses[1]
 
 
@@ -86,3 +91,34 @@ def test_second_stage_from_a_fine_tuned_run(tmp_path, source):
     path = tmp_path / "stage1" if source == "run_dir" else tmp_path / "stage1" / "hf_model"
     cfg = sft_config(tmp_path / "stage2", data_dir, "training.n_iters=1", f"sft.pretrained_model={path}")
     assert sft.run_sft(cfg) == "done"
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    """From step 3 on every loss is NaN: each update is skipped and logged, and after training.max_nonfinite
+    in a row the run stops with the step and the last good checkpoint named; that checkpoint loads at step 2."""
+    data_dir = write_qa_dataset(tmp_path / "data", copies=2)
+    cfg = sft_config(tmp_path / "run", data_dir, "training.n_iters=10", "training.max_nonfinite=3",
+                     "training.snapshot_freq_for_preemption=1")  # fmt: skip
+    calls = {"n": 0}
+
+    def loss_turning_nan(*args, **kwargs):
+        terms = real_batch_loss(*args, **kwargs)
+        calls["n"] += torch.is_grad_enabled()  # training steps only, not the validation loss
+        if calls["n"] <= 2:
+            return terms
+        nan = float("nan")
+        return dataclasses.replace(
+            terms, per_token=terms.per_token * nan, per_sequence=terms.per_sequence * nan
+        )
+
+    real_batch_loss = sft.batch_loss
+    monkeypatch.setattr(sft, "batch_loss", loss_turning_nan)
+    with pytest.raises(
+        recipe.NonFiniteLossError, match=r"3 non-finite losses in a row at step 2.*checkpoints-meta"
+    ):
+        sft.run_sft(cfg)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("update skipped") == 3 and "(3 in a row, 3 in total)" in log
+    state, _ = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 2 and state["nonfinite_total"] == 0  # the last good snapshot
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from model import SEDD
 from tests.sft_helpers import TINY_OVERRIDES, write_qa_dataset
+from tests.tiny_models import GPT2_TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +22,12 @@ def run_sft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("SEDD_TRACEBACK", None)
     return subprocess.run(
-        [sys.executable, str(REPO / "sft.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(REPO / "sft.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -37,12 +44,23 @@ CASES = {
     "empty dataset": (["sft.dataset={empty}"], "empty"),
     "every example too long": (["sft.max_length=6"], "Raise sft.max_length"),
     "non-text field": (["sft.dataset={listfield}"], "not text"),
-    "batch not divisible": (["training.batch_size=5", "training.accum=2"], "not divisible by ngpus * training.accum"),
+    "batch not divisible": (
+        ["training.batch_size=5", "training.accum=2"],
+        "not divisible by ngpus * training.accum",
+    ),
     "more gpus than present": (["ngpus=2", "device=auto"], "CUDA device(s) are visible"),
     "thinking without attempt": (["sft.thinking_field=question"], "sft.thinking_field and sft.attempt_field"),
     "unwritable output": (["hydra.run.dir=/proc/sedd-run"], "/proc/sedd-run"),
     "missing dataset path": (["sft.dataset=./no/data.jsonl"], "no/data.jsonl"),
+    "vocabulary mismatch": (["sft.pretrained_model={smallvocab}"], "The model has 1000 tokens"),
 }
+
+
+def save_small_vocabulary_model(directory: Path) -> Path:
+    """A hub-format checkpoint of a model whose vocabulary (1000 tokens) is not GPT-2's."""
+    config = {**GPT2_TINY, "tokens": 1000}
+    SEDD(config).save_pretrained(directory)
+    return directory
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -52,10 +70,16 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, case):
         "nofields": write_rows(tmp_path / "nofields.jsonl", [{"a": "x", "b": "y"}] * 3),
         "empty": write_rows(tmp_path / "empty.jsonl", []),
         "listfield": write_rows(tmp_path / "listfield.jsonl", [{"question": ["a", "b"], "answer": "c"}] * 3),
+        "smallvocab": save_small_vocabulary_model(tmp_path / "smallvocab"),
     }
     overrides, expected = CASES[case]
     overrides = [o.format(**files) for o in overrides]
-    base = [*TINY_OVERRIDES, f"sft.dataset={data_dir}", "training.n_iters=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    base = [
+        *TINY_OVERRIDES,
+        f"sft.dataset={data_dir}",
+        "training.n_iters=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     result = run_sft(*base, *overrides, cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]

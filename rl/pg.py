@@ -12,6 +12,7 @@ estimator, rl/estimators.py, under the same noise for every model: common random
     d_i      = (l_ref(y_i) - l_theta(y_i)) / n_i
     KL_i     = exp(d_i) - d_i - 1                          k3 estimator (Schulman, 2020): >= 0, 0 at the reference
     loss_i   = -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i) + beta KL_i
+                                                           (the per-token log-ratios clamped to +-20 first)
 
 An update minimises sum_i n_i loss_i / sum_i n_i (`training.train_step`'s token normalisation), whose gradient at
 rho = 1 is -sum_i A_i grad l_theta(y_i) / sum_i n_i: the token-level REINFORCE of DAPO / Dr. GRPO. l_old is
@@ -34,6 +35,7 @@ from rl.buffer import Selection
 from rl.estimators import LikelihoodMethod, Scorer, scored_mask, sequence_terms
 
 NORMALIZATIONS = ("group", "batch")
+MAX_LOG_RATIO = 20.0  # per-token log-ratios are clamped here before exp: a jumpy estimate cannot overflow
 
 
 def group_advantages(
@@ -69,14 +71,14 @@ def grpo_loss(
     estimates [B] under the current, sampling and reference policies, advantages [B] and scored tokens [B];
     with the ratio, KL and clipped indicator [B] (`clip_eps=None`: no clipping)."""
     n = n_tokens.to(logp.dtype).clamp(min=1)
-    ratio = torch.exp((logp - old_logp) / n)
+    ratio = torch.exp(((logp - old_logp) / n).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     surrogate = ratio * advantages
     clipped = torch.zeros_like(ratio, dtype=torch.bool)
     if clip_eps is not None:
         bounded = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
         clipped = bounded < surrogate
         surrogate = torch.minimum(surrogate, bounded)
-    d = (ref_logp - logp) / n
+    d = ((ref_logp - logp) / n).clamp(max=MAX_LOG_RATIO)
     kl = torch.exp(d) - d - 1
     loss = -surrogate + beta * kl
     return loss, {"ratio": ratio.detach(), "kl": kl.detach(), "clipped": clipped}
@@ -93,7 +95,6 @@ class PolicyGradient(LikelihoodMethod):
     skip_uniform: bool = True
 
     name: ClassVar[str] = "pg"
-    min_group_size: ClassVar[int] = 2
     offline: ClassVar[None] = None  # always samples from the policy
 
     def __post_init__(self) -> None:
@@ -108,6 +109,11 @@ class PolicyGradient(LikelihoodMethod):
             raise ValueError(
                 f"rl.method.clip_eps={self.clip_eps} must be in (0, 1), or null for no clipping."
             )
+
+    @property
+    def min_group_size(self) -> int:
+        """rl.k needed: 2 to normalise within groups, 1 over the batch (REINFORCE with a baseline)."""
+        return 2 if self.normalize == "group" else 1
 
     def select(
         self,

@@ -23,6 +23,7 @@ from tests.conftest import randomize_
 from tests.rl_toy import TOY_CONFIG, sample_toy, toy_examples, toy_scorer, trained_toy
 from tests.tiny_models import one_thread, save_hub_model, tiny_sedd  # noqa: F401  (one_thread: autouse)
 
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 CHOSEN, REJECTED = (1, 2), (3, 4)
 
 
@@ -98,6 +99,24 @@ def test_equal_rewards_give_zero_advantage_and_no_update():
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
 
 
+def test_reinforce_with_a_baseline_is_the_k_1_special_case():
+    import run_rl
+
+    recipe.register_resolvers()
+    reinforce = ["rl/method=pg", "rl.k=1", "rl.method.normalize=batch", "rl.method.clip_eps=null"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        run_rl.validate_config(compose("rl", overrides=["rl.pretrained_model=x", *reinforce]))
+        with pytest.raises(ValueError, match="rl.k=1 must be at least 2"):
+            run_rl.validate_config(
+                compose("rl", overrides=["rl.pretrained_model=x", "rl/method=pg", "rl.k=1"])
+            )
+    method = PolicyGradient(normalize="batch", clip_eps=None)
+    selection = method.select([1.0, 0.0, 0.5, 0.5], group_size=1)
+    torch.testing.assert_close(
+        torch.tensor(selection.weights), group_advantages([1.0, 0.0, 0.5, 0.5], [0] * 4)
+    )
+
+
 def test_clipped_objective_matches_a_hand_computed_case():
     ratios, n = torch.tensor([1.5, 0.5, 1.1, 1.0]), torch.tensor([1, 1, 2, 2])
     old = torch.zeros(4)
@@ -166,7 +185,6 @@ def test_a_tiny_run_raises_a_synthetic_reward(method):
 
 
 # ----------------------------------------------------------------------------- run_rl.py
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 PAIRS = [
     {"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}\n#### {a + b}", "rejected": f"{a} + {b} = {a + b + 1}\n#### {a + b + 1}"}
     for a, b in [(2, 3), (4, 1), (6, 2), (3, 3)]

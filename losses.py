@@ -54,8 +54,9 @@ class _AbsorbingEntropyFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, x0, shift, log_esigm1):
-        scores = torch.sub(logits[:, :-1].float(), shift[:, None]).exp_()  # s_y for real tokens y, [N, dim - 1]
-        u = logits.gather(1, x0[:, None]).squeeze(1).float() - shift + log_esigm1
+        dtype = shift.dtype  # float32, or float64 for float64 logits
+        scores = torch.sub(logits[:, :-1].to(dtype), shift[:, None]).exp_()  # s_y, y real, [N, dim - 1]
+        u = logits.gather(1, x0[:, None]).squeeze(1).to(dtype) - shift + log_esigm1
         scores.scatter_(1, x0[:, None], 0.0)
         ratio = (-log_esigm1).exp()  # true ratio 1 / esigm1 at x0
         entropy = scores.sum(dim=1) + ratio * (torch.expm1(u) - u)
@@ -86,8 +87,9 @@ def absorbing_entropy_from_logits(
 
     computed with one vocabulary-sized buffer (s_y, whose x0 entry is zeroed rather than subtracted) that
     also serves as the gradient d/d logit_y = s_y; the x0 entry's gradient is (1 / esigm1) (e^u - 1).
+    Computed in float32 (float64 for float64 logits), whatever the autocast dtype of `logits`.
     """
-    log_esigm1 = torch.expm1(sigma.float()).log()
+    log_esigm1 = torch.expm1(sigma.to(torch.promote_types(logits.dtype, torch.float32))).log()
     shift = log_esigm1 + math.log(logits.shape[-1] - 1) if scale_by_sigma else torch.zeros_like(log_esigm1)
     return _AbsorbingEntropyFromLogits.apply(logits, x0, shift, log_esigm1)
 

@@ -56,9 +56,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 
     Entries <= 0 are never chosen (as in the original `catsample.sample_categorical`).
     """
-    uniform = torch.rand(probs.shape, device=probs.device, dtype=probs.dtype, generator=generator)
-    gumbel_norm = 1e-10 - (uniform + 1e-10).log()
-    return (probs / gumbel_norm).argmax(dim=-1)
+    noise = torch.rand(probs.shape, device=probs.device, dtype=probs.dtype, generator=generator)
+    noise.add_(1e-10).log_().neg_().add_(1e-10)  # 1e-10 - log(u + 1e-10) ~ Exp(1), in one buffer
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
 
 
 class Graph(abc.ABC):

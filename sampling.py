@@ -121,10 +121,10 @@ def absorbing_analytic_probs(log_score: torch.Tensor, dsigma: torch.Tensor) -> t
     (rows sum to s_mask, i.e. 1 for the model, whose log-score at the input token is 0). A negative stay
     entry is never drawn by `sample_categorical`, as in the reference.
     """
-    log_jump = log_score[:, :-1] + torch.expm1(dsigma).clamp(min=0).log()[:, None]
-    jump = log_jump.exp()
-    stay = log_score[:, -1].exp() - jump.sum(dim=-1)
-    return torch.cat([jump, stay[:, None]], dim=-1)
+    probs = torch.empty_like(log_score)  # the only [N, dim] buffer
+    jump = torch.add(log_score[:, :-1], torch.expm1(dsigma).clamp(min=0).log()[:, None], out=probs[:, :-1])
+    torch.sub(log_score[:, -1].exp(), jump.exp_().sum(dim=-1), out=probs[:, -1])
+    return probs
 
 
 def absorbing_euler_probs(log_score: torch.Tensor, rate_dt: torch.Tensor) -> torch.Tensor:
@@ -135,9 +135,10 @@ def absorbing_euler_probs(log_score: torch.Tensor, rate_dt: torch.Tensor) -> tor
     The reference `onehot(mask) + rate_dt * reverse_rate(mask, s)` is: y != mask: rate_dt s_y;
     y = mask: 1 - rate_dt S (the reverse rate's diagonal); the model's mask entry s_mask is not used.
     """
-    jump = log_score[:, :-1].exp() * rate_dt[:, None]
-    stay = 1 - jump.sum(dim=-1)
-    return torch.cat([jump, stay[:, None]], dim=-1)
+    probs = torch.empty_like(log_score)  # the only [N, dim] buffer
+    jump = torch.exp(log_score[:, :-1], out=probs[:, :-1]).mul_(rate_dt[:, None])
+    torch.sub(1, jump.sum(dim=-1), out=probs[:, -1])
+    return probs
 
 
 def absorbing_denoiser_probs(log_score: torch.Tensor) -> torch.Tensor:
@@ -513,8 +514,9 @@ def sample(
 
     x = _sample_limit(graph, shape, device, generator)
     scorer = LogScorer(model, attention_mask=attention_mask, autocast_dtype=autocast_dtype)
-    # no_grad, not inference_mode: RL feeds the sampled tokens to a model under autograd afterwards
-    with torch.no_grad():
+    # no_grad, not inference_mode: RL feeds the sampled tokens to a model under autograd afterwards. One
+    # autocast region around the whole loop: the weights are cast to low precision once, not at every step.
+    with torch.no_grad(), scorer._autocast(device):
         return _reverse_process(
             scorer,
             graph,

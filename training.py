@@ -44,6 +44,25 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- model wrapping
+def prepare_model(
+    model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False, distributed: bool = False
+) -> nn.Module:
+    """The module the training step calls (`forward_model`); `model` itself stays the bare module.
+
+    `activation_checkpointing` recomputes each transformer block in the backward pass (activation memory
+    ~ one block instead of all); `compile` compiles each block in place with `torch.compile` (parameter and
+    state-dict names unchanged); `distributed` wraps the model in DDP. Both options are off by default:
+    measure them with benchmarks/bench.py (`--checkpointing`, `--compile`) before turning them on.
+    """
+    if activation_checkpointing:
+        model.activation_checkpointing = True
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    return DistributedDataParallel(model) if distributed else model
+
+
 # ----------------------------------------------------------------------------- optimizer
 def build_optimizer(
     params: Sequence[nn.Parameter],

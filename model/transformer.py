@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.attention import attention
 from model.config import SEDDConfig, from_run_config, to_container, to_run_config
@@ -171,6 +172,7 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
             for _ in range(arch.n_blocks)
         )
         self.output_layer = DDitFinalLayer(arch.hidden_size, arch.vocab_size, arch.cond_dim)
+        self.activation_checkpointing = False  # recompute each block in backward (training.prepare_model)
 
     @property
     def vocab_size(self) -> int:
@@ -206,8 +208,12 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
         x = self.vocab_embed(indices)
         c = F.silu(self.sigma_map(sigma))
         rotary_cos_sin = self.rotary_emb(indices.shape[1], indices.device)
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rotary_cos_sin, c, attention_mask)
+            if checkpointed:
+                x = checkpoint(block, x, rotary_cos_sin, c, attention_mask, use_reentrant=False)
+            else:
+                x = block(x, rotary_cos_sin, c, attention_mask)
         return x, c
 
     def head(
@@ -220,8 +226,8 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
             sigma = sigma.float()
             esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log()
             esigm1_log = esigm1_log.view(*sigma.shape, *([1] * (x.dim() - sigma.dim())))
-            x = x - esigm1_log - math.log(x.shape[-1] - 1)
-        return torch.scatter(x, -1, indices[..., None], torch.zeros_like(x[..., :1]))
+            x = x.sub_(esigm1_log).sub_(math.log(x.shape[-1] - 1))  # in place: x is this call's own output
+        return x.scatter_(-1, indices[..., None], 0.0)
 
     # ----------------------------------------------------------------- hub I/O
     def _save_pretrained(self, save_directory) -> None:

@@ -178,3 +178,49 @@ def test_rotary_cache_serves_shorter_and_longer_sequences(tiny_model, tiny_confi
         ours = tiny_model(indices, sigma)
     ref = reference_forward(tiny_model.state_dict(), tiny_config, indices, sigma)
     torch.testing.assert_close(ours.double(), ref, atol=ATOL, rtol=0)
+
+
+def test_unpadded_sequences_equal_padded_batch_with_mask(tiny_model):
+    """Each sequence run alone at its real length (no padding, no mask) gives the padded batch's outputs at
+    its real positions: attention with the key mask is exactly attention over the unpadded sequence."""
+    lengths = [12, 7, 3]
+    indices, sigma = make_inputs(tiny_model, batch=3, seq_len=12, seed=4)
+    mask = padding_mask(lengths, 12)
+    with torch.no_grad():
+        padded = tiny_model(indices, sigma, mask)
+        for b, n in enumerate(lengths):
+            alone = tiny_model(indices[b : b + 1, :n], sigma[b : b + 1])
+            torch.testing.assert_close(alone[0], padded[b, :n], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_activation_checkpointing_same_loss_and_gradients(tiny_config, make_model, dropout):
+    """training.prepare_model(activation_checkpointing=True) recomputes the blocks in backward: same outputs and
+    gradients (with dropout too: the recomputation replays the same RNG state), eval/no-grad paths unchanged."""
+    from training import prepare_model
+
+    config = copy.deepcopy(tiny_config)
+    config["model"]["dropout"] = dropout
+    indices, sigma = make_inputs(make_model(config), batch=2, seq_len=10)
+    mask = padding_mask([10, 6], 10)
+    results, saved = [], []
+    for checkpointing in (False, True):
+        model = make_model(config, seed=3).train()
+        forward_model = prepare_model(model, activation_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward_model(indices, sigma, mask)
+        (out[mask.bool()].tanh().sum()).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        saved.append(count[0])
+    assert saved[1] < saved[0] / 2  # the blocks' activations are not kept
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-6, atol=1e-7, msg=name)

@@ -30,7 +30,6 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 import graph_lib
@@ -47,7 +46,7 @@ from rl.rewards import exact_match, score
 from rl.rollout import PromptSet, Rollout, build_prompt_set, generate_rollouts, policy_weights, summary
 from rl.rwd import OfflineGroups, load_offline
 from tokenizer import get_tokenizer
-from training import TrainState, build_optimizer, lr_lambda, resolve_precision, train_step
+from training import TrainState, build_optimizer, lr_lambda, prepare_model, resolve_precision, train_step
 
 recipe.register_resolvers()
 ROLLOUT_WEIGHTS = ("live", "ema")
@@ -301,7 +300,12 @@ def run_rl(cfg: DictConfig) -> str:
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
     )
     recipe.resume_state(state, run_dir, logger)
-    forward_model = DistributedDataParallel(model) if world > 1 else model
+    forward_model = prepare_model(
+        model,
+        activation_checkpointing=cfg.training.activation_checkpointing,
+        compile=cfg.training.compile,
+        distributed=world > 1,
+    )
     buffer = ExampleBuffer.from_state_dict(state.extra.get("rl"))
 
     per_rank_prompts = cfg.rl.prompts_per_iter // world

@@ -24,7 +24,6 @@ import hydra
 import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 import graph_lib
@@ -43,6 +42,7 @@ from training import (
     evaluate_loss,
     example_noise,
     lr_lambda,
+    prepare_model,
     resolve_precision,
     to_device,
     train_step,
@@ -169,7 +169,12 @@ def run_train(cfg: DictConfig) -> str:
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
     )
     recipe.resume_state(state, run_dir, logger)
-    forward_model = DistributedDataParallel(model) if world > 1 else model
+    forward_model = prepare_model(
+        model,
+        activation_checkpointing=cfg.training.activation_checkpointing,
+        compile=cfg.training.compile,
+        distributed=world > 1,
+    )
 
     per_rank = cfg.training.batch_size // world
     micro = recipe.check_batch_layout(cfg.training.batch_size, cfg.training.accum, world)

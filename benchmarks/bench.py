@@ -1,0 +1,440 @@
+"""Speed and memory of a SEDD training step and sampler: this project against the original code path.
+
+    python benchmarks/bench.py --model small --batch 4 --length 128 --device cpu --precision fp32 bf16
+
+Every measurement runs in a fresh subprocess (so peak memory is its own), times `--steps` training steps
+(or `--sample-repeats` full sampling runs) after `--warmup` untimed ones and reports the median. See
+benchmarks/README.md for what is measured and how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return int(re.search(rf"^{field}:\s+(\d+)", status.read(), re.M).group(1))
+
+
+class PeakMemory:
+    """Peak memory of the timed region: `torch.cuda.max_memory_allocated` on CUDA; on CPU the process's
+    resident-set high-water mark (VmHWM), reset after warm-up through /proc/self/clear_refs. `baseline` is the
+    memory held just before the timed region (weights, optimizer state, EMA), after freed heap is trimmed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            return
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        self.baseline = _proc_status_kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return _proc_status_kib("VmHWM") * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------- models
+def run_config(model: str) -> dict:
+    """The SEDD run config of configs/model/<model>.yaml on the GPT-2 vocabulary, absorbing graph."""
+    arch = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{model}.yaml"))
+    return {"tokens": 50257, "graph": {"type": "absorb"}, "noise": {"type": "loglinear"}, "model": arch}
+
+
+def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict of `model.SEDD(config)` with its zero-initialised layers (adaLN, output) made random."""
+    from model import SEDD
+
+    torch.manual_seed(seed)
+    weights = SEDD(config).state_dict()
+    for tensor in weights.values():
+        if tensor.is_floating_point() and not tensor.any():
+            tensor.normal_(0.0, 0.02)
+    return weights
+
+
+def flops_per_token(config: dict, length: int) -> float:
+    """Matmul FLOPs of one forward pass per token, counting what the original does: every block's
+    projections (24 d^2), bidirectional attention (4 L d per block) and the full-vocabulary output (2 d V)."""
+    arch = config["model"]
+    d, vocab = arch["hidden_size"], config["tokens"] + 1
+    return arch["n_blocks"] * (24 * d * d + 4 * length * d) + 2 * d * vocab
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def _ours_train(config, weights, args, device, dtype):
+    """A step of training.train_step (the code path of sft.py / train.py) with stratified t."""
+    import graph_lib
+    import noise_lib
+    import training
+    from model import SEDD
+    from model.ema import ExponentialMovingAverage
+
+    model = SEDD(config)
+    model.load_weights(weights)
+    model.to(device).train()
+    forward_model = training.prepare_model(
+        model, activation_checkpointing=args.checkpointing, compile=args.compile
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = training.build_optimizer(params, lr=3e-4)
+    state = training.TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(2500, 10**6)),
+        ema=ExponentialMovingAverage(params, decay=0.9999),
+    )
+    graph, noise = graph_lib.get_graph(config), noise_lib.get_noise(config)
+    precision = "fp32" if dtype is None else "bf16"
+    gen = torch.Generator().manual_seed(0)
+    batch_size, length = args.batch, args.length
+
+    def step() -> float:
+        x0 = torch.randint(0, config["tokens"], (batch_size, length), generator=gen)
+        batch = {
+            "input_ids": x0,
+            "attention_mask": torch.ones_like(x0),
+            "loss_mask": torch.ones_like(x0),
+        }
+        draws = training.NoiseDraws(
+            (torch.arange(batch_size) + 0.5) / batch_size,  # stratified t: half the tokens masked on average
+            torch.rand(batch_size, length, generator=gen),
+            torch.rand(batch_size, length, generator=gen),
+        )
+        batch = training.to_device(batch, device)
+        draws = training.NoiseDraws(*(u.to(device) for u in (draws.u_t, draws.u_move, draws.u_token)))
+        result = training.train_step(
+            state,
+            forward_model,
+            [batch],
+            lambda fwd, mb: training.batch_loss(fwd, mb, graph, noise, draws),
+            precision=precision,
+            device=device,
+            grad_clip=1.0,
+        )
+        return result.loss
+
+    return step
+
+
+def _original_train(config, weights, args, device, dtype):
+    from original_sedd import OriginalSEDD, OriginalTrainer
+
+    model = OriginalSEDD(config)
+    model.load_state_dict(weights, strict=False)
+    model.to(device).train()
+    trainer = OriginalTrainer(model)
+    gen = torch.Generator().manual_seed(0)
+    t = ((torch.arange(args.batch) + 0.5) / args.batch * (1 - 1e-3) + 1e-3).to(device)
+
+    def step() -> float:
+        x0 = torch.randint(0, config["tokens"], (args.batch, args.length), generator=gen).to(device)
+        return float(trainer.train_step(x0, t, dtype))
+
+    return step
+
+
+def _ours_sample(config, weights, args, device, dtype):
+    import graph_lib
+    import noise_lib
+    import sampling
+    from model import SEDD
+
+    model = SEDD(config)
+    model.load_weights(weights)
+    model.to(device).eval()
+    graph, noise = graph_lib.get_graph(config), noise_lib.get_noise(config)
+
+    def run(steps: int) -> torch.Tensor:
+        return sampling.sample(
+            model, graph, noise, batch_size=args.batch, length=args.length, steps=steps, autocast_dtype=dtype
+        )
+
+    return run
+
+
+def _original_sample(config, weights, args, device, dtype):
+    from original_sedd import OriginalSEDD, original_sample
+
+    model = OriginalSEDD(config)
+    model.load_state_dict(weights, strict=False)
+    model.to(device).eval()
+    return lambda steps: original_sample(model, args.batch, args.length, steps, dtype=dtype)
+
+
+WORKERS = {
+    ("ours", "train"): _ours_train,
+    ("original", "train"): _original_train,
+    ("ours", "sample"): _ours_sample,
+    ("original", "sample"): _original_sample,
+}
+
+
+def measure(job: dict) -> dict:
+    """Run one (impl, task, model, device, precision) measurement in this process."""
+    args = argparse.Namespace(**job)
+    device, dtype = torch.device(args.device), DTYPES[args.precision]
+    config = run_config(args.model)
+    config["model"]["length"] = max(config["model"]["length"], args.length)
+    weights = random_weights(config)
+    work = WORKERS[args.impl, args.task](config, weights, args, device, dtype)
+    memory = PeakMemory(device)
+    times = []
+    if args.task == "train":
+        for _ in range(args.warmup):
+            work()
+        memory.start()
+        for _ in range(args.steps):
+            _sync(device)
+            start = time.perf_counter()
+            loss = work()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        tokens = args.batch * args.length
+        flops = 3 * flops_per_token(config, args.length) * tokens
+        extra = {"loss": loss}
+    else:
+        work(2)  # warm-up: kernels, allocator, thread pool
+        memory.start()
+        for _ in range(args.sample_repeats):
+            _sync(device)
+            start = time.perf_counter()
+            work(args.sample_steps)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        tokens = args.batch * args.length
+        flops = (args.sample_steps + 1) * flops_per_token(config, args.length) * tokens
+        extra = {"sample_steps": args.sample_steps}
+    seconds = statistics.median(times)
+    return {
+        **job,
+        **extra,
+        "seconds": seconds,
+        "times": times,
+        "tokens_per_s": tokens / seconds,
+        "gflops": flops / seconds / 1e9,
+        "peak_bytes": memory.peak(),
+        "baseline_bytes": memory.baseline,
+    }
+
+
+def matmul_peak(job: dict) -> dict:
+    """GFLOP/s of a square matmul (n = 4096 on CUDA, 2048 on CPU) in fp32 and bf16, median of 5 after warm-up."""
+    device = torch.device(job["device"])
+    n = 4096 if device.type == "cuda" else 2048
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        for _ in range(3):
+            torch.mm(a, b)
+        times = []
+        for _ in range(5):
+            _sync(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        out[name] = 2 * n**3 / statistics.median(times) / 1e9
+    return {"kind": "peak", "device": job["device"], **out}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def run_job(job: dict) -> dict:
+    """Run `job` in a fresh interpreter and return its JSON result."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {job}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def table(results: list[dict], peaks: dict[str, dict]) -> str:
+    """One row per measurement; `speedup` is against the original at the same precision and, in
+    brackets, against the original in fp32."""
+    by_key = {(r["model"], r["device"], r["task"], r["precision"], r["impl"]): r for r in results}
+    head = (
+        f"{'model':6} {'device':6} {'task':6} {'prec':5} {'impl':9} {'tokens/s':>9} {'s/iter':>8} "
+        f"{'speedup':>13} {'peak MiB':>9} {'+step MiB':>9} {'GFLOP/s':>8} {'%peak':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        key = (r["model"], r["device"], r["task"])
+        base = by_key.get((*key, r["precision"], "original"))
+        base32 = by_key.get((*key, "fp32", "original"))
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        if base32 and base32 is not base:
+            speed += f" ({r['tokens_per_s'] / base32['tokens_per_s']:.2f}x)"
+        peak = peaks[r["device"]][r["precision"]]
+        lines.append(
+            f"{r['model']:6} {r['device']:6} {r['task']:6} {r['precision']:5} {r['impl']:9} "
+            f"{r['tokens_per_s']:9.1f} {r['seconds']:8.3f} {speed:>13} {_fmt_mib(r['peak_bytes']):>9} "
+            f"{_fmt_mib(r['peak_bytes'] - r['baseline_bytes']):>9} {r['gflops']:8.1f} "
+            f"{100 * r['gflops'] / peak:5.0f}%"
+        )
+    lines.append("")
+    for device, peak in peaks.items():
+        lines.append(
+            f"matmul peak on {device}: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
+            f"(start {peak['start_fp32']:.0f}/{peak['start_bf16']:.0f}, end {peak['end_fp32']:.0f}/"
+            f"{peak['end_bf16']:.0f}); %peak uses the matching precision"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["tiny", "small"],
+        choices=["tiny", "small"],
+        help="configs/model/<name>.yaml architectures (random weights, GPT-2 vocabulary)",
+    )
+    parser.add_argument("--batch", type=int, default=4, help="sequences per training step / sampling run")
+    parser.add_argument("--length", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--sample-steps", type=int, default=32, help="predictor steps per sampling run")
+    parser.add_argument("--sample-repeats", type=int, default=3, help="timed sampling runs (median reported)")
+    parser.add_argument(
+        "--device", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda when available)"
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=sorted(DTYPES),
+        help="fp32, or bf16 autocast (model matmuls in bf16; losses and states in fp32)",
+    )
+    parser.add_argument(
+        "--impl",
+        nargs="+",
+        default=["original", "ours"],
+        choices=["original", "ours"],
+        help="this project (ours) and/or the straightforward original code path",
+    )
+    parser.add_argument(
+        "--task",
+        nargs="+",
+        default=["train", "sample"],
+        choices=["train", "sample"],
+        help="training step and/or analytic sampler",
+    )
+    parser.add_argument("--checkpointing", action="store_true", help="ours: activation checkpointing")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer blocks")
+    parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        job = json.loads(args.worker)
+        print(json.dumps(matmul_peak(job) if job.get("kind") == "peak" else measure(job)))
+        return
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    common = {
+        k: getattr(args, k)
+        for k in (
+            "batch",
+            "length",
+            "steps",
+            "warmup",
+            "sample_steps",
+            "sample_repeats",
+            "checkpointing",
+            "compile",
+        )
+    }
+    peaks = {device: run_job({"kind": "peak", "device": device}) for device in devices}
+    results = []
+    for model in args.model:
+        for device in devices:
+            for task in args.task:
+                for precision in args.precision:
+                    for impl in args.impl:
+                        job = {
+                            **common,
+                            "model": model,
+                            "device": device,
+                            "task": task,
+                            "precision": precision,
+                            "impl": impl,
+                        }
+                        results.append(run_job(job))
+                        r = results[-1]
+                        print(
+                            f"  {model} {device} {task} {precision} {impl}: {r['tokens_per_s']:.1f} tokens/s, "
+                            f"times {[round(t, 3) for t in r['times']]}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    for device in devices:
+        end = run_job({"kind": "peak", "device": device})
+        start = peaks[device]
+        peaks[device] = {
+            "fp32": max(start["fp32"], end["fp32"]),
+            "bf16": max(start["bf16"], end["bf16"]),
+            **{
+                f"{when}_{p}": run[p]
+                for when, run in (("start", start), ("end", end))
+                for p in ("fp32", "bf16")
+            },
+        }
+    print(table(results, peaks))
+    if args.json is not None:
+        load = os.getloadavg()
+        meta = {
+            "argv": sys.argv,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg_end": load,
+            "cpu_count": os.cpu_count(),
+        }
+        args.json.write_text(json.dumps({"meta": meta, "peaks": peaks, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

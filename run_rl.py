@@ -274,7 +274,9 @@ def run_rl(cfg: DictConfig) -> str:
             f"Offline data: {sum(len(g) for g in offline.groups)} scored completions of {len(offline)} prompts"
         )
     heldout = (
-        method.load_eval(tokenizer, fmt.template, fmt.max_length) if hasattr(method, "load_eval") else None
+        method.load_eval(tokenizer, fmt.template, fmt.max_length, scorer)
+        if hasattr(method, "load_eval")
+        else None
     )
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -169,12 +169,17 @@ class DPO(LikelihoodMethod):
         """The training pairs (`offline.split`) as `OfflineGroups` of two rows each."""
         return load_preferences(self.offline, tokenizer, template, max_length, self.offline.split)
 
-    def load_eval(self, tokenizer, template: str | None, max_length: int) -> OfflineGroups | None:
-        """The held-out pairs (first `offline.eval_pairs` of `offline.eval_split`), or None without them."""
+    def load_eval(
+        self, tokenizer, template: str | None, max_length: int, scorer: Scorer
+    ) -> list[dict[str, Any]] | None:
+        """The held-out pairs (first `offline.eval_pairs` of `offline.eval_split`), prepared once (their
+        reference log-likelihoods under fixed noise ids), or None without them."""
         if self.offline is None or self.offline.eval_split is None:
             return None
         prefs = self.offline
-        return load_preferences(prefs, tokenizer, template, max_length, prefs.eval_split, prefs.eval_pairs)
+        pairs = load_preferences(prefs, tokenizer, template, max_length, prefs.eval_split, prefs.eval_pairs)
+        examples = [example for group in pairs.groups for example, _, _ in group]
+        return self.prepare(examples, scorer.reference, scorer, EVAL_ID_BASE)
 
     def prepare(
         self, examples: list[dict[str, Any]], policy: nn.Module, scorer: Scorer, id_base: int
@@ -212,18 +217,18 @@ class DPO(LikelihoodMethod):
         return sequence_terms(loss * n_pair, n_pair), preference_metrics(loss, reward_chosen, reward_rejected)
 
     @torch.no_grad()
-    def evaluate(self, policy: nn.Module, pairs: OfflineGroups, scorer: Scorer) -> dict[str, float]:
-        """Held-out preference pairs under the policy (in eval mode): the DPO loss, implicit reward margin and
-        `pref_accuracy`, and `likelihood_accuracy`, the share of pairs whose chosen completion has the
+    def evaluate(self, policy: nn.Module, pairs: list[dict[str, Any]], scorer: Scorer) -> dict[str, float]:
+        """Held-out pairs (`load_eval`) under the policy (in eval mode): the DPO loss, implicit reward margin
+        and `pref_accuracy`, and `likelihood_accuracy`, the share of pairs whose chosen completion has the
         higher estimated log-likelihood under the policy itself."""
-        chosen = [g[0][0] for g in pairs.groups]
-        rejected = [g[1][0] for g in pairs.groups]
-        ids = [EVAL_ID_BASE + j for j in range(len(chosen))]
-        logp = scorer.score(policy, chosen + rejected, ids + ids).chunk(2)
-        ref = scorer.score(scorer.reference, chosen + rejected, ids + ids).chunk(2)
-        loss, reward_chosen, reward_rejected = dpo_loss(logp[0], logp[1], ref[0], ref[1], self.beta)
+        ids = [p["id"] for p in pairs]
+        examples = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        chosen, rejected = scorer.score(policy, examples, ids + ids).chunk(2)
+        ref_chosen = torch.tensor([p["ref_chosen"] for p in pairs])
+        ref_rejected = torch.tensor([p["ref_rejected"] for p in pairs])
+        loss, reward_chosen, reward_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
         metrics = preference_metrics(loss, reward_chosen, reward_rejected)
-        metrics["likelihood_accuracy"] = float((logp[0] > logp[1]).float().mean())
+        metrics["likelihood_accuracy"] = float((chosen > rejected).float().mean())
         return {f"heldout_{k}": v for k, v in metrics.items()}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import os
 import re
@@ -275,8 +276,15 @@ def matmul_peak(job: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- driver
 def run_job(job: dict) -> dict:
     """Run `job` in a fresh interpreter and return its JSON result."""
+    env = dict(os.environ)
+    if job.get("thp"):
+        env["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch's CPU allocator at start-up
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {job}:\n{proc.stderr[-4000:]}")
@@ -363,6 +371,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpointing", action="store_true", help="ours: activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer blocks")
+    parser.add_argument(
+        "--thp",
+        action="store_true",
+        help="run every worker (both implementations) with THP_MEM_ALLOC_ENABLE=1: torch backs large CPU "
+        "tensors with transparent huge pages, so fresh per-step allocations cost far fewer page faults",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -375,63 +389,35 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(matmul_peak(job) if job.get("kind") == "peak" else measure(job)))
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    common = {
-        k: getattr(args, k)
-        for k in (
-            "batch",
-            "length",
-            "steps",
-            "warmup",
-            "sample_steps",
-            "sample_repeats",
-            "checkpointing",
-            "compile",
-        )
-    }
-    peaks = {device: run_job({"kind": "peak", "device": device}) for device in devices}
+    names = "batch length steps warmup sample_steps sample_repeats checkpointing compile thp".split()
+    common = {k: getattr(args, k) for k in names}
+    load_start = os.getloadavg()
+    peaks = {device: run_job({"kind": "peak", "device": device, "thp": args.thp}) for device in devices}
     results = []
-    for model in args.model:
-        for device in devices:
-            for task in args.task:
-                for precision in args.precision:
-                    for impl in args.impl:
-                        job = {
-                            **common,
-                            "model": model,
-                            "device": device,
-                            "task": task,
-                            "precision": precision,
-                            "impl": impl,
-                        }
-                        results.append(run_job(job))
-                        r = results[-1]
-                        print(
-                            f"  {model} {device} {task} {precision} {impl}: {r['tokens_per_s']:.1f} tokens/s, "
-                            f"times {[round(t, 3) for t in r['times']]}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+    for model, device, task, precision, impl in itertools.product(
+        args.model, devices, args.task, args.precision, args.impl
+    ):
+        job = {**common, "model": model, "device": device, "task": task, "precision": precision, "impl": impl}
+        results.append(run_job(job))
+        times = [round(t, 3) for t in results[-1]["times"]]
+        print(f"  {model} {device} {task} {precision} {impl}: times {times} s", file=sys.stderr, flush=True)
     for device in devices:
-        end = run_job({"kind": "peak", "device": device})
-        start = peaks[device]
-        peaks[device] = {
-            "fp32": max(start["fp32"], end["fp32"]),
-            "bf16": max(start["bf16"], end["bf16"]),
-            **{
-                f"{when}_{p}": run[p]
-                for when, run in (("start", start), ("end", end))
-                for p in ("fp32", "bf16")
-            },
-        }
+        start, end = peaks[device], run_job({"kind": "peak", "device": device, "thp": args.thp})
+        peaks[device] = {p: max(start[p], end[p]) for p in ("fp32", "bf16")}
+        peaks[device].update(
+            {f"{when}_{p}": run[p] for when, run in (("start", start), ("end", end)) for p in DTYPES}
+        )
     print(table(results, peaks))
+    load_end = os.getloadavg()
+    print(f"load average (1, 5, 15 min): start {load_start}, end {load_end}")
     if args.json is not None:
-        load = os.getloadavg()
         meta = {
             "argv": sys.argv,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "loadavg_end": load,
             "cpu_count": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
         }
         args.json.write_text(json.dumps({"meta": meta, "peaks": peaks, "results": results}, indent=1))
 

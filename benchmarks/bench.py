@@ -328,17 +328,27 @@ def table(results: list[dict], peaks: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# option -> (choices, help); each takes one or more values and defaults to all of its choices
+LIST_OPTIONS = {
+    "model": (
+        ["tiny", "small"],
+        "configs/model/<name>.yaml architectures (random weights, GPT-2 vocabulary)",
+    ),
+    "precision": (
+        ["fp32", "bf16"],
+        "fp32, or bf16 autocast (model matmuls in bf16; losses and states in fp32)",
+    ),
+    "impl": (["original", "ours"], "the straightforward original code path and/or this project"),
+    "task": (["train", "sample"], "training step and/or analytic sampler"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model",
-        nargs="+",
-        default=["tiny", "small"],
-        choices=["tiny", "small"],
-        help="configs/model/<name>.yaml architectures (random weights, GPT-2 vocabulary)",
-    )
+    for name, (choices, help_text) in LIST_OPTIONS.items():
+        parser.add_argument(f"--{name}", nargs="+", default=choices, choices=choices, help=help_text)
     parser.add_argument("--batch", type=int, default=4, help="sequences per training step / sampling run")
     parser.add_argument("--length", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
@@ -347,27 +357,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-repeats", type=int, default=3, help="timed sampling runs (median reported)")
     parser.add_argument(
         "--device", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda when available)"
-    )
-    parser.add_argument(
-        "--precision",
-        nargs="+",
-        default=["fp32", "bf16"],
-        choices=sorted(DTYPES),
-        help="fp32, or bf16 autocast (model matmuls in bf16; losses and states in fp32)",
-    )
-    parser.add_argument(
-        "--impl",
-        nargs="+",
-        default=["original", "ours"],
-        choices=["original", "ours"],
-        help="this project (ours) and/or the straightforward original code path",
-    )
-    parser.add_argument(
-        "--task",
-        nargs="+",
-        default=["train", "sample"],
-        choices=["train", "sample"],
-        help="training step and/or analytic sampler",
     )
     parser.add_argument("--checkpointing", action="store_true", help="ours: activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer blocks")

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from typing import Any
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,6 +55,16 @@ ROLLOUT_WEIGHTS = ("live", "ema")
 
 
 # ----------------------------------------------------------------------------- setup
+def build(node: DictConfig, key: str) -> Any:
+    """`instantiate(node)`, with the error of a bad option (the ValueError / ImportError the target raises,
+    which Hydra wraps) re-raised as a ValueError naming the config key, so the run ends with its message."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ValueError(f"{key} ({node.get('_target_')}): {cause}") from err
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Cross-field checks, each error saying how to fix it."""
     rl = cfg.rl
@@ -83,7 +95,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"rl.prompts_per_iter={rl.prompts_per_iter} is not divisible by the {world} processes; choose a multiple."
         )
-    method = instantiate(cfg.rl.method)  # the method checks its own options
+    method = build(cfg.rl.method, "rl.method")  # the method checks its own options
     if method.offline is None and rl.k < method.min_group_size:
         raise ValueError(
             f"rl/method={method.name} compares the k completions of each prompt; rl.k={rl.k} must be at least "
@@ -230,7 +242,7 @@ def run_rl(cfg: DictConfig) -> str:
     )
     precision = resolve_precision(cfg.training.precision, device)
     utils.set_seed(cfg.seed, rank)
-    method = instantiate(cfg.rl.method)
+    method = build(cfg.rl.method, "rl.method")
     logger.info(
         f"Run directory: {run_dir} | {world} process(es) on {device} | precision {precision} | {method}"
     )
@@ -262,7 +274,7 @@ def run_rl(cfg: DictConfig) -> str:
             batch_size=cfg.sampling.batch_size,
         )
     model.to(device).train()
-    reward_fn = instantiate(cfg.reward)
+    reward_fn = build(cfg.reward, "reward")
     prompts, evaluation = build_prompts(cfg, tokenizer, fmt, logger)
     offline: OfflineGroups | None = None
     if method.offline is not None:
@@ -568,6 +580,7 @@ def run_rl(cfg: DictConfig) -> str:
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="rl")
+@recipe.user_errors_exit
 def main(cfg: DictConfig) -> None:
     cfg = recipe.resume_config(cfg)
     validate_config(cfg)
@@ -575,4 +588,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    recipe.preflight_output_dir(sys.argv[1:])
     main()

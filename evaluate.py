@@ -6,11 +6,15 @@
     python evaluate.py --mode likelihood --model_path louaaron/sedd-small \\
         --dataset Salesforce/wikitext:wikitext-103-raw-v1 --split test --n_t 8
     python evaluate.py --mode genppl --model_path louaaron/sedd-small --eval_model gpt2-large --steps 1024
+    python evaluate.py --mode accuracy --model_path exp_local/demo/sft --dataset demo/arithmetic --limit 200 \
+        --guidance svdd --guidance_candidates 4 --reward format --reward_kwargs '{"pattern": "####"}'
 
 Modes:
   accuracy    answers to the split's questions (in the model's SFT prompt template), final answers extracted
               (`#### N`, `\\boxed{}`, `Attempt:`, last number) and compared with the reference answer extracted
-              the same way; majority vote and unbiased pass@k over `--num_samples` samples.
+              the same way; majority vote and unbiased pass@k over `--num_samples` samples. With `--guidance`
+              the answers are reward-guided (rl/guidance.py; an exact_match reward sees the reference answer,
+              so it measures an oracle-guided upper bound, not the model alone).
   likelihood  the negative ELBO per token and its perplexity bound, averaged over `--n_t` seeded t-samples per
               sequence (two runs agree): per response token on Q&A data (the prompt conditions), per token
               on plain text (packed into blocks of the model's length).
@@ -40,10 +44,10 @@ from generation import (
     encode_prompts,
     load_text_model,
     prompt_format,
-    prompted_samples,
     sample_canvases,
 )
 from likelihood import causal_lm_nll, load_causal_lm, negative_elbo, sft_batches, text_batches
+from rl.guidance import add_guidance_args, check_guidance_args, guidance_from_args, prompted_answers
 from training import PRECISIONS, resolve_precision
 
 logger = logging.getLogger("evaluate")
@@ -74,13 +78,15 @@ def evaluate_accuracy(
     if not questions:
         raise ValueError(f"No question fits the model's {fmt.max_length}-token canvas; nothing to grade.")
     ks = sorted(set(args.pass_k or (1, args.num_samples)))
-    records = prompted_samples(
+    records = prompted_answers(
         model,
         graph,
         noise,
         tokenizer,
         questions,
         fmt,
+        guidance_from_args(args),
+        {"answer": reference_texts},
         steps=args.steps or fmt.default_steps(args.max_new_tokens),
         max_new_tokens=args.max_new_tokens,
         num_samples=args.num_samples,
@@ -110,6 +116,8 @@ def evaluate_accuracy(
         )
     summary = summarize_grades(grades)
     summary["finished"] = sum(r["finished"] for r in records) / len(records)
+    if "reward" in records[0]:  # reward-guided: the mean guiding reward of the answers
+        summary["guidance_reward"] = sum(r["reward"] for r in records) / len(records)
     summary["skipped_too_long"] = fits.count(False)
     summary["no_reference"] = sum(e["reference"] is None for e in examples)
     if summary["no_reference"]:
@@ -234,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the samples and of the likelihood's t-draws")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--precision", choices=["auto", *PRECISIONS], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    add_guidance_args(parser)  # accuracy: reward-guided answers (--guidance svdd|best_of_n --reward ...)
     return parser
 
 
@@ -254,6 +263,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name}={value} must be at least 1.")
     if {"accuracy", "likelihood"} & set(args.mode) and not args.dataset:
         parser.error(f"--mode {' '.join(args.mode)} needs --dataset (e.g. --dataset demo/arithmetic).")
+    check_guidance_args(parser, args)
+    if args.guidance != "none" and "accuracy" not in args.mode:
+        parser.error("--guidance steers the answers of --mode accuracy; add accuracy to --mode or drop it.")
     too_big = [k for k in args.pass_k or () if not 1 <= k <= args.num_samples]
     if too_big:
         parser.error(f"--pass_k {too_big} must lie in [1, --num_samples={args.num_samples}]; sample more.")

@@ -5,13 +5,15 @@
     python run_sample.py --model_path exp_local/sft/simplescaling/s1K-1.1/2024.01.15/120000 \\
         --prompt "What is 2 + 3?" --num_samples 4 --format jsonl --output answers.jsonl
     python run_sample.py --model_path exp_local/demo/sft --prompts_file questions.jsonl --seed 1
+    python run_sample.py --model_path exp_local/demo/sft --prompts_file questions.jsonl \
+        --guidance svdd --guidance_candidates 4 --reward exact_match     # JSONL rows with an `answer` field
 
 `--model_path` is a hub id, a hub-format directory or a training run directory (its latest checkpoint, EMA
 weights). Prompts are rendered in the prompt template the model was fine-tuned with (`sft_config.json` beside
 its weights; the default `Question: {question}\\nAnswer: ` otherwise; `--raw_prompt` uses them as given) and
 answers are cut at the first EOS. A model fine-tuned with `pad_with_eos` samples its whole training canvas;
 otherwise the canvas is the prompt plus `--max_new_tokens`. The same `--seed` gives the same tokens on the
-same device.
+same device. `--guidance svdd|best_of_n` steers prompted answers with a reward (rl/guidance.py), no retraining.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 
 import recipe
 import utils
-from generation import load_text_model, prompt_format, prompted_samples, sample_canvases
+from generation import load_text_model, prompt_format, sample_canvases
+from rl.guidance import add_guidance_args, check_guidance_args, guidance_from_args, prompted_answers
 from training import PRECISIONS, resolve_precision
 
 logger = logging.getLogger("run_sample")
@@ -39,13 +42,19 @@ logger = logging.getLogger("run_sample")
 def read_prompts_file(path: str | Path) -> list[str]:
     """Prompts from a file: JSONL (`.jsonl`/`.json`) rows with a `prompt` or `question` field, else one
     prompt per non-empty line."""
+    return read_prompt_rows(path)[0]
+
+
+def read_prompt_rows(path: str | Path) -> tuple[list[str], dict[str, list[Any]]]:
+    """`read_prompts_file`'s prompts and, for JSONL, the rows' other fields that every row has (e.g. the
+    reference `answer` a guiding reward compares with): `{field: [value per prompt]}`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts_file {path} does not exist.")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix not in (".jsonl", ".json"):
-        return lines
-    prompts = []
+        return lines, {}
+    prompts, rows = [], []
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
@@ -57,7 +66,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
         if field is None:
             raise ValueError(f"{path}:{number} has no 'prompt' or 'question' field: {line[:200]}")
         prompts.append(str(row[field]))
-    return prompts
+        rows.append({k: v for k, v in row.items() if k != field})
+    shared = set.intersection(*(set(r) for r in rows)) if rows else set()
+    return prompts, {k: [r[k] for r in rows] for k in sorted(shared)}
 
 
 def free_samples(
@@ -135,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=["auto", *PRECISIONS], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     add("--format", choices=["text", "jsonl"], default="text", help="output format")
     add("--output", default=None, help="write the samples to this file instead of stdout")
+    add_guidance_args(parser)  # prompted answers: reward-guided (--guidance svdd|best_of_n --reward ...)
     return parser
 
 
@@ -146,6 +158,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name}={value} must be at least 1.")
     if (args.prompt or args.prompts_file) and (args.prefix or args.suffix):
         parser.error("--prefix/--suffix are for infilling without prompts; drop them or the prompts.")
+    check_guidance_args(parser, args)
+    if args.guidance != "none" and not (args.prompt or args.prompts_file):
+        parser.error("--guidance steers answers to prompts; give --prompt or --prompts_file.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,7 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         show_progress=True,
     )
-    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    prompts, fields = list(args.prompt), {}
+    if args.prompts_file:
+        file_prompts, fields = read_prompt_rows(args.prompts_file)
+        if args.prompt and fields:  # --prompt rows have no fields: the guiding reward gets none
+            fields = {}
+        prompts += file_prompts
     if prompts:
         fmt = prompt_format(args.model_path, model.arch.length, raw=args.raw_prompt)
         if args.length is not None and fmt.pad_with_eos and args.length != fmt.max_length:
@@ -177,13 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             fmt = replace(fmt, max_length=args.length)
         canvas = fmt.canvas(args.max_new_tokens)
         logger.info(f"{len(prompts)} prompt(s), template {fmt.template!r}, canvas {canvas}")
-        records = prompted_samples(
+        records = prompted_answers(
             model,
             graph,
             noise,
             tokenizer,
             prompts,
             fmt,
+            guidance_from_args(args),
+            fields,
             steps=args.steps or fmt.default_steps(args.max_new_tokens),
             max_new_tokens=args.max_new_tokens,
             num_samples=args.num_samples or 1,

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sampling
-from generation import Completion, PromptFormat, cut_at_eos, encode_prompts
+from generation import Completion, PromptFormat, cut_at_eos, encode_prompts, prompted_samples
 from rl.rewards import RewardFn, build_reward, score
 from training import PRECISIONS
 
@@ -414,6 +414,36 @@ def guided_prompted_samples(
     ]
 
 
+def prompted_answers(
+    model,
+    graph,
+    noise,
+    tokenizer,
+    prompts: Sequence[str],
+    fmt: PromptFormat,
+    guided: tuple[Guidance, RewardFn] | None,
+    fields: Mapping[str, Sequence[Any]] | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """`generation.prompted_samples`, or `guided_prompted_samples` when `guided` = (guidance, reward) is given
+    (`guidance_from_args`); `fields` (e.g. the reference answers) only reach the guiding reward."""
+    if guided is None:
+        return prompted_samples(model, graph, noise, tokenizer, prompts, fmt, **kwargs)
+    guidance, reward_fn = guided
+    return guided_prompted_samples(
+        model,
+        graph,
+        noise,
+        tokenizer,
+        prompts,
+        fmt,
+        reward_fn=reward_fn,
+        guidance=guidance,
+        fields=fields,
+        **kwargs,
+    )
+
+
 # ----------------------------------------------------------------------------- command line
 def add_guidance_args(parser: argparse.ArgumentParser) -> None:
     """The reward-guidance flags of run_sample.py and evaluate.py."""
@@ -423,15 +453,18 @@ def add_guidance_args(parser: argparse.ArgumentParser) -> None:
         "--guidance",
         choices=["none", *METHODS],
         default="none",
-        help="reward-guided sampling: SVDD or best-of-N",
+        help="reward-guided sampling (no retraining): svdd resamples N candidate states at each step by the "
+        "reward of their denoised prediction; best_of_n keeps the best of N samples",
     )
     add(
-        "--guidance_reward",
+        "--reward",
         default="exact_match",
-        help="reward: exact_match, math_verify, format, length, reward_model, or an import path pkg.module.fn",
+        help="the guiding reward: exact_match, math_verify, format, length, reward_model, or an import path "
+        "pkg.module.fn. The reference answer reaches it as the `answer` field: evaluate.py's answer column, "
+        "run_sample.py's `answer` field of --prompts_file JSONL rows",
     )
     add(
-        "--guidance_reward_kwargs",
+        "--reward_kwargs",
         default="{}",
         help='JSON keyword arguments of the reward, e.g. \'{"pattern": "####"}\' or \'{"path": "my_rm_dir"}\'',
     )
@@ -447,17 +480,28 @@ def add_guidance_args(parser: argparse.ArgumentParser) -> None:
     add("--guidance_every", type=int, default=1, help="svdd: guide every m-th sampler step")
 
 
+def check_guidance_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flag checks before anything is loaded (`parser.error` says how to fix the command)."""
+    for name in ("guidance_candidates", "guidance_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)} must be at least 1.")
+    if args.guidance_alpha < 0:
+        parser.error(f"--guidance_alpha={args.guidance_alpha} must be >= 0 (0: keep the best candidate).")
+    try:
+        json.loads(args.reward_kwargs)
+    except json.JSONDecodeError as err:
+        parser.error(f"--reward_kwargs is not valid JSON ({err}): {args.reward_kwargs!r}")
+
+
 def guidance_from_args(args: argparse.Namespace) -> tuple[Guidance, RewardFn] | None:
     """`(Guidance, reward_fn)` from the flags of `add_guidance_args`, or None for `--guidance none`."""
     if args.guidance == "none":
         return None
     try:
-        kwargs = json.loads(args.guidance_reward_kwargs)
+        kwargs = json.loads(args.reward_kwargs)
     except json.JSONDecodeError as err:
-        raise ValueError(
-            f"--guidance_reward_kwargs is not valid JSON ({err}): {args.guidance_reward_kwargs!r}"
-        ) from err
+        raise ValueError(f"--reward_kwargs is not valid JSON ({err}): {args.reward_kwargs!r}") from err
     if not isinstance(kwargs, dict):
-        raise ValueError('--guidance_reward_kwargs must be a JSON object, e.g. \'{"pattern": "####"}\'.')
+        raise ValueError('--reward_kwargs must be a JSON object, e.g. \'{"pattern": "####"}\'.')
     guidance = Guidance(args.guidance, args.guidance_candidates, args.guidance_alpha, args.guidance_every)
-    return guidance, build_reward(args.guidance_reward, **kwargs)
+    return guidance, build_reward(args.reward, **kwargs)

@@ -1,13 +1,17 @@
 """Bidirectional multi-head attention: flash-attn's varlen kernel on CUDA when installed, torch SDPA otherwise.
 
-Both paths take an optional `attention_mask` [B, L] (1 = real token, 0 = padding): padded keys are never
-attended to, so outputs at real positions do not depend on padding. Outputs at padded positions are
-unspecified (zero on the flash path) and must be ignored by the caller.
+Padded batches are packed once per forward pass (`Packing`): the network then runs on the T real tokens only,
+so its cost follows real tokens, not B x max_length. `packed_attention` attends within each sequence of the
+packed rows: with flash-attn directly on them (varlen, `cu_seqlens`), with SDPA by laying them back out as
+[B, L] behind a key mask. `attention` takes a padded batch with an optional `attention_mask` [B, L]
+(1 = real token, 0 = padding): padded keys are never attended to, so outputs at real positions do not depend
+on padding; outputs at padded positions are unspecified (zero on the flash path) and must be ignored.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,42 @@ def use_flash_attn(qkv: torch.Tensor) -> bool:
     return HAS_FLASH_ATTN and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """The real tokens of a padded batch [B, L] as T packed rows, in row-major order.
+
+    index [T]: flat position b * L + l of each real token; sequence [T]: its b; position [T]: its l;
+    cu_seqlens [B + 1] int32: cumulative real lengths (flash-attn's varlen layout); max_len: the longest;
+    attention_mask [B, L] bool. Real tokens need not be contiguous: attention only groups them by sequence.
+    """
+
+    index: torch.Tensor
+    sequence: torch.Tensor
+    position: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    attention_mask: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
+        mask = attention_mask.bool()
+        seq_len = mask.shape[1]
+        index = mask.reshape(-1).nonzero(as_tuple=True)[0]
+        lengths = mask.sum(dim=1, dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(index, index // seq_len, index % seq_len, cu_seqlens, int(lengths.max()), mask)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [T, ...]."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, L, ...], zero at padded positions."""
+        batch, seq_len = self.attention_mask.shape
+        full = x.new_zeros(batch * seq_len, *x.shape[1:]).index_copy(0, self.index, x)
+        return full.view(batch, seq_len, *x.shape[1:])
+
+
 def sdpa_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [B, L, 3, H, D] -> [B, L, H, D] with torch's scaled_dot_product_attention."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]
@@ -28,27 +68,21 @@ def sdpa_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None
     return out.transpose(1, 2)
 
 
+def packed_attention(qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Packed qkv [T, 3, H, D] -> [T, H, D], each token attending to the real tokens of its own sequence."""
+    if use_flash_attn(qkv):
+        from flash_attn import flash_attn_varlen_qkvpacked_func
+
+        return flash_attn_varlen_qkvpacked_func(qkv, packing.cu_seqlens, packing.max_len, 0.0, causal=False)
+    return packing.pack(sdpa_attention(packing.unpack(qkv), packing.attention_mask))
+
+
 def flash_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [B, L, 3, H, D] -> [B, L, H, D] with flash_attn_varlen_qkvpacked_func, padding removed."""
-    from flash_attn import flash_attn_varlen_qkvpacked_func
-
-    batch, seq_len = qkv.shape[:2]
     if attention_mask is None:
-        lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=qkv.device)
-        packed = qkv.reshape(batch * seq_len, *qkv.shape[2:])
-        index = None
-    else:
-        lengths = attention_mask.sum(dim=-1, dtype=torch.int32)
-        index = attention_mask.reshape(-1).nonzero(as_tuple=True)[0]
-        packed = qkv.reshape(batch * seq_len, *qkv.shape[2:]).index_select(0, index)
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    max_len = seq_len if attention_mask is None else int(lengths.max())
-    out = flash_attn_varlen_qkvpacked_func(packed, cu_seqlens, max_len, 0.0, causal=False)
-    if index is None:
-        return out.view(batch, seq_len, *out.shape[1:])
-    full = out.new_zeros(batch * seq_len, *out.shape[1:])
-    full.index_copy_(0, index, out)
-    return full.view(batch, seq_len, *out.shape[1:])
+        attention_mask = torch.ones(qkv.shape[:2], dtype=torch.bool, device=qkv.device)
+    packing = Packing.from_mask(attention_mask)
+    return packing.unpack(packed_attention(packing.pack(qkv), packing))
 
 
 def attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

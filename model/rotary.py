@@ -31,7 +31,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q and k: `qk` [..., L, 2, H, D], `cos`/`sin` [L, D]. Values keep no rotation (applied to q, k only)."""
+    """Rotate q and k: `qk` [..., L, 2, H, D] with `cos`/`sin` [L, D], or packed tokens [T, 2, H, D] with the
+    rows of their positions [T, D]. Values keep no rotation (applied to q, k only)."""
     cos = cos[:, None, None, :].to(qk.dtype)
     sin = sin[:, None, None, :].to(qk.dtype)
     return qk * cos + rotate_half(qk) * sin

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import attention
+from model.attention import Packing, attention, packed_attention
 from model.config import SEDDConfig, from_run_config, to_container, to_run_config
 from model.rotary import Rotary, apply_rotary
 
@@ -107,17 +107,18 @@ class DDiTBlock(nn.Module):
         x: torch.Tensor,
         rotary_cos_sin: tuple[torch.Tensor, torch.Tensor],
         c: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        """x [B, L, dim], c [B, cond_dim] -> [B, L, dim]."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(
-            6, dim=2
-        )
+        """x [B, L, dim] (cos/sin [L, D]) or, with `packing`, the real tokens x [T, dim] (cos/sin [T, D]);
+        c [B, cond_dim]. Returns x's shape."""
+        modulation = self.adaLN_modulation(c)
+        modulation = modulation[:, None] if packing is None else modulation[packing.sequence]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        qkv = self.attn_qkv(h).unflatten(-1, (3, self.n_heads, -1))  # [B, L, 3, H, D]
-        qk = apply_rotary(qkv[:, :, :2], *rotary_cos_sin)
-        qkv = torch.cat([qk, qkv[:, :, 2:]], dim=2)
-        h = attention(qkv, attention_mask).flatten(-2)
+        qkv = self.attn_qkv(h).unflatten(-1, (3, self.n_heads, -1))  # [..., 3, H, D]
+        qk = apply_rotary(qkv[..., :2, :, :], *rotary_cos_sin)
+        qkv = torch.cat([qk, qkv[..., 2:, :, :]], dim=-3)
+        h = (attention(qkv) if packing is None else packed_attention(qkv, packing)).flatten(-2)
         x = x + gate_msa * F.dropout(self.attn_out(h), self.dropout, self.training)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp * F.dropout(h, self.dropout, self.training)
@@ -204,17 +205,26 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
     def trunk(
         self, indices: torch.Tensor, sigma: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything but the output layer: hidden states [B, L, hidden] and the conditioning c [B, cond]."""
-        x = self.vocab_embed(indices)
+        """Everything but the output layer: hidden states [B, L, hidden] and the conditioning c [B, cond].
+
+        With padding in `attention_mask` the blocks run on the real tokens only (packed, see `Packing`); the
+        hidden states at padded positions are then 0.
+        """
+        packing = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            packing = Packing.from_mask(attention_mask)
         c = F.silu(self.sigma_map(sigma))
-        rotary_cos_sin = self.rotary_emb(indices.shape[1], indices.device)
+        cos, sin = self.rotary_emb(indices.shape[1], indices.device)
+        if packing is not None:
+            indices, cos, sin = packing.pack(indices), cos[packing.position], sin[packing.position]
+        x = self.vocab_embed(indices)
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointed:
-                x = checkpoint(block, x, rotary_cos_sin, c, attention_mask, use_reentrant=False)
+                x = checkpoint(block, x, (cos, sin), c, packing, use_reentrant=False)
             else:
-                x = block(x, rotary_cos_sin, c, attention_mask)
-        return x, c
+                x = block(x, (cos, sin), c, packing)
+        return (x if packing is None else packing.unpack(x)), c
 
     def head(
         self, hidden: torch.Tensor, c: torch.Tensor, indices: torch.Tensor, sigma: torch.Tensor

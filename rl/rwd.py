@@ -14,10 +14,14 @@ Weights (`reward_weights`), per group of completions of one prompt (or the whole
     group-normalised advantage. Not renormalised: an average completion gets 1, equal rewards give 1 each.
   * `softmax`:       w_i = G * softmax(r / beta)_i over the group of G, so each group's weights sum to G
     (mean 1; equal rewards give 1 each); then capped at `max_weight` (a capped group sums to less than G).
+A group whose rewards are all equal says nothing about what is better: its weights are uniform (1 each),
+and training on it only sharpens the policy around its own samples (self-distillation), which on a sparse
+reward (all k answers wrong) is most of the data. `skip_uniform` (default) leaves such groups out, as DAPO's
+dynamic sampling and rl/pg.py do; `skip_uniform=False` keeps them (plain reward-weighted regression).
 Optional KL control to the starting model: the reward is shaped as r_i - kl_coef * KL_hat_i, KL_hat_i the
 per-completion ELBO estimate of log pi(x_i) - log ref(x_i) (`rl.kl`) in nats.
 
-Offline: `offline_dataset` names a dataset of (prompt, completion, reward) rows, trained on instead of
+Offline: `offline.dataset` names a dataset of (prompt, completion, reward) rows, trained on instead of
 samples (grouped by prompt for the normalisation).
 """
 
@@ -30,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rl.buffer import Selection, make_example
+from rl.buffer import Selection, encode_completions, make_example
 
 WEIGHTINGS = ("exp", "softmax")
 NORMALIZATIONS = ("group", "batch")
@@ -96,7 +100,6 @@ def load_offline(offline: OfflineData, tokenizer, template: str | None, max_leng
     """Read, tokenize (as SFT data: prompt tokens, then ` completion` and EOS) and group an offline dataset;
     rows over `max_length` tokens are dropped, non-finite rewards raise."""
     import data
-    from generation import encode_prompts
 
     splits = data.load_raw_dataset(offline.dataset)
     if offline.split not in splits:
@@ -115,11 +118,8 @@ def load_offline(offline: OfflineData, tokenizer, template: str | None, max_leng
                 f"rl.method.offline.{role}_field."
             )
     questions = [str(q) for q in rows[offline.prompt_field]]
-    prompts = encode_prompts(tokenizer, questions, template)
-    rendered = [data.PromptTemplate(prompt=template).render_prompt(q) if template else q for q in questions]
     texts = [str(c) for c in rows[offline.completion_field]]
-    joined = [data.join_response(p, c) for p, c in zip(rendered, texts, strict=True)]
-    completions = tokenizer(joined, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    prompts, completions = encode_completions(tokenizer, questions, texts, template)
     eos = tokenizer.eos_token_id
     by_question: dict[str, list[tuple[dict[str, Any], float, str]]] = {}
     for i, (q, p, c, text) in enumerate(zip(questions, prompts, completions, texts, strict=True)):
@@ -142,6 +142,7 @@ class RewardWeighted:
     beta: float = 0.5
     max_weight: float = 20.0
     normalize: str = "group"
+    skip_uniform: bool = True
     kl_coef: float = 0.0
     offline: OfflineData | dict | None = field(default=None)
 
@@ -176,8 +177,9 @@ class RewardWeighted:
         keys: Sequence[Hashable] | None = None,
         kl: Sequence[float] | None = None,
     ) -> Selection:
-        """Every completion, weighted. `groups` [N] defaults to consecutive groups of `group_size`; `kl` [N]
-        (per-completion KL estimates, nats) shapes the rewards when `kl_coef > 0`."""
+        """Every completion, weighted; with `skip_uniform`, not those of groups whose (shaped) rewards are all
+        equal. `groups` [N] defaults to consecutive groups of `group_size`; `kl` [N] (per-completion KL
+        estimates, nats) shapes the rewards when `kl_coef > 0`."""
         n = len(rewards)
         r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
         if self.kl_coef > 0 and kl is not None:
@@ -189,12 +191,16 @@ class RewardWeighted:
         else:
             g = torch.arange(n) // group_size
         w = reward_weights(r, g, weighting=self.weighting, beta=self.beta, max_weight=self.max_weight)
+        uniform = {int(x) for x in torch.unique(g) if r[g == x].max() == r[g == x].min()}
+        rows = [i for i in range(n) if not (self.skip_uniform and int(g[i]) in uniform)]
+        w = w[rows]
+        n = len(rows)
         metrics = {
             "weight_mean": float(w.mean()) if n else 0.0,
             "weight_max": float(w.max()) if n else 0.0,
             "weight_capped": float((w >= self.max_weight).float().mean()) if n else 0.0,
             # effective sample size over N: 1 for equal weights, 1/N when one completion takes all
             "weight_ess": float(w.sum() ** 2 / (w.pow(2).sum() * n)) if n else 0.0,
-            "acceptance": 1.0,
+            "acceptance": n / max(len(rewards), 1),
         }
-        return Selection(list(range(n)), w.tolist(), metrics)
+        return Selection(rows, w.tolist(), metrics)

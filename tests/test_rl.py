@@ -65,7 +65,8 @@ def test_a_tiny_run_raises_a_synthetic_reward_and_writes_its_outputs(tmp_path, s
     assert len(evals) == 2 and 0.15 < evals[0] < 0.45 and evals[1] > evals[0] + 0.3, evals
     assert all(math.isfinite(v) for v in logged(log, "train", "loss"))
     acceptance = logged(log, "rollout", "acceptance")
-    assert acceptance == [0.25] * 12 if method == "reft" else acceptance == [1.0] * 3  # reft: 1 of k=4 kept
+    # reft: the best 1 of k=4; rwd: all but the groups whose 4 rewards are equal (rare with this reward)
+    assert acceptance == [0.25] * 12 if method == "reft" else len(acceptance) == 3 and min(acceptance) >= 0.5
     kl = logged(log, "rollout", "kl")
     if method == "reft":  # the first rollout is sampled by the starting model itself: KL exactly 0
         assert kl[0] == 0 and kl[-1] > 0.05, kl
@@ -87,7 +88,7 @@ def test_a_tiny_run_raises_a_synthetic_reward_and_writes_its_outputs(tmp_path, s
     rows = [json.loads(line) for line in (run_dir / "samples" / "iter_1.jsonl").read_text().splitlines()]
     assert len(rows) == 16  # 4 prompts x k=4
     assert {"prompt", "completion", "reward", "selected", "weight", "correct", "iteration"} <= set(rows[0])
-    assert sum(r["selected"] for r in rows) == (4 if method == "reft" else 16)
+    assert sum(r["selected"] for r in rows) == 16 * acceptance[0]
     if method == "reft":  # the best of each prompt's four
         for b in range(4):
             group = rows[4 * b : 4 * b + 4]
@@ -185,3 +186,30 @@ def test_missing_start_model_is_a_clear_error(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="no_such_model"):
         run_rl.run_rl(cfg)
     assert OmegaConf.select(cfg, "rl.pretrained_model").endswith("no_such_model")
+
+
+def test_rwd_on_an_offline_dataset_of_scored_completions(tmp_path, start):
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "completion": text, "reward": reward}
+        for a, b in [(2, 3), (4, 1), (6, 2), (3, 3)]
+        for text, reward in (("yes yes yes", 1.0), ("no no no", 0.0))
+    ]
+    offline = tmp_path / "scored"
+    offline.mkdir()
+    (offline / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    cfg = rl_config(
+        run_dir,
+        start,
+        "rl/method=rwd",
+        f"rl.method.offline.dataset={offline}",
+        "training.n_iters=2",
+        "rl.eval_prompts=0",
+    )
+    run_rl.validate_config(cfg)
+    assert run_rl.run_rl(cfg) == "done"
+    records = [json.loads(line) for line in (run_dir / "samples" / "iter_1.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(r["selected"] for r in records)  # 4 prompts of the 4 drawn x 2 rows
+    for record in records:  # group-normalised advantages are +-1: weights exp(+-1 / beta), beta = 0.5
+        assert record["weight"] == pytest.approx(math.exp(2.0 if record["reward"] else -2.0), rel=1e-4)
+    assert all(math.isfinite(v) for v in logged((run_dir / "train.log").read_text(), "train", "loss"))

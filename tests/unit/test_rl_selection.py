@@ -96,8 +96,9 @@ def test_equal_rewards_give_uniform_weights(weighting):
 def test_group_versus_batch_normalisation():
     # prompt 0 is easy (all right), prompt 1 hard (one right): within groups, prompt 0's answers are average
     rewards = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
-    group = RewardWeighted(weighting="exp", beta=1.0, max_weight=1e3, normalize="group").select(rewards, 3)
-    batch = RewardWeighted(weighting="exp", beta=1.0, max_weight=1e3, normalize="batch").select(rewards, 3)
+    options = {"weighting": "exp", "beta": 1.0, "max_weight": 1e3, "skip_uniform": False}
+    group = RewardWeighted(normalize="group", **options).select(rewards, 3)
+    batch = RewardWeighted(normalize="batch", **options).select(rewards, 3)
     assert group.rows == batch.rows == list(range(6))
     assert group.weights[:3] == pytest.approx([1.0] * 3)
     a = (1 - 1 / 3) / math.sqrt(2 / 9)
@@ -109,7 +110,7 @@ def test_group_versus_batch_normalisation():
 
 
 def test_rwd_metrics_and_kl_shaping():
-    method = RewardWeighted(weighting="softmax", beta=1.0, max_weight=10.0, kl_coef=0.5)
+    method = RewardWeighted(weighting="softmax", beta=1.0, max_weight=10.0, kl_coef=0.5, skip_uniform=False)
     plain = method.select([1.0, 1.0], 2)
     assert plain.weights == pytest.approx([1.0, 1.0])
     assert plain.metrics["weight_ess"] == pytest.approx(1.0)
@@ -118,6 +119,15 @@ def test_rwd_metrics_and_kl_shaping():
     e = [1.0, math.exp(-1.0)]
     assert shaped.weights == pytest.approx([2 * x / sum(e) for x in e], rel=1e-5)
     assert shaped.metrics["weight_ess"] < 1.0
+
+
+def test_rwd_skips_groups_without_signal():
+    rewards = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # all right, one right, all wrong
+    skipping = RewardWeighted(weighting="exp", beta=1.0, max_weight=1e3).select(rewards, 3)
+    keeping = RewardWeighted(weighting="exp", beta=1.0, max_weight=1e3, skip_uniform=False).select(rewards, 3)
+    assert skipping.rows == [3, 4, 5] and keeping.rows == list(range(9))
+    assert skipping.weights == pytest.approx(keeping.weights[3:6])
+    assert skipping.metrics["acceptance"] == pytest.approx(1 / 3)
 
 
 def test_rwd_groups_of_different_sizes_and_option_errors():

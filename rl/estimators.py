@@ -168,10 +168,11 @@ class Scorer:
     @torch.no_grad()
     def score(self, model: nn.Module, examples: Sequence[dict[str, Any]], ids: Sequence[int]) -> torch.Tensor:
         """log p(y | x) estimates [N] (float32, CPU) of `examples` under `model` (in eval mode), in chunks of
-        `batch_size`; example i is noised by `ids[i]`."""
+        `batch_size` forward rows (sequences times ELBO draws); example i is noised by `ids[i]`."""
         out = []
-        for start in range(0, len(examples), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+        size = max(1, self.batch_size // (self.n_mc if self.estimator == "elbo" else 1))
+        for start in range(0, len(examples), size):
+            chunk = slice(start, start + size)
             batch = self.collate(examples[chunk], ids[chunk])
             with autocast(self.precision, torch.device(self.device)):
                 out.append(self.log_prob(model, batch).float().cpu())

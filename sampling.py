@@ -16,8 +16,9 @@ original). Padding positions (`attention_mask == 0`) are treated as fixed: they 
 
 Fast absorbing path: with the absorbing graph an unmasked token has reverse rate zero, so it never changes;
 only masked positions need work. `Predictor.absorbing_update_fn` gathers the N masked positions and computes
-their transition probabilities as [N, dim] rows, with no [B, L, dim] one-hot tensors, in the same distribution
-as the reference update (`Predictor.update_fn`; see `absorbing_analytic_probs` for the algebra). If the model's
+their transition probabilities as [N, dim] rows, with no [B, L, dim] one-hot tensors, then draws which rows
+leave the mask and samples tokens on those rows only, in the same distribution as the reference update
+(`Predictor.update_fn`; see `absorbing_analytic_probs` for the algebra and `_resample_masked` for the draw). If the model's
 `forward` accepts `output_mask` (our `model.SEDD` does) its output layer is evaluated at those rows only.
 
 Random numbers: pass a `torch.Generator` (on the sampling device) for reproducible draws; otherwise the global
@@ -151,11 +152,28 @@ def absorbing_denoiser_probs(log_score: torch.Tensor) -> torch.Tensor:
 
 
 def _resample_masked(
-    x: torch.Tensor, masked: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None
+    x: torch.Tensor,
+    masked: torch.Tensor,
+    probs: torch.Tensor,
+    generator: torch.Generator | None,
+    stay_column: bool = False,
 ) -> torch.Tensor:
-    """x [B, L] with its `masked` [B, L] positions replaced by draws from `probs` [N, K] (row-major order)."""
+    """x [B, L] with its `masked` [B, L] positions replaced by draws from `probs` [N, K] (row-major order).
+
+    Entries <= 0 are never drawn. With `stay_column` (the predictors: the last column is the mask state and the
+    others are >= 0) the draw has two stages with the law of one categorical draw: whether each row leaves the
+    mask, with probability J / (J + stay) where J is its mass on real tokens, then which token, by Gumbel-max
+    over the leaving rows only. Most positions stay masked at a step, so few rows need vocabulary-sized noise.
+    """
     x = x.clone()
-    x[masked] = graph_lib.sample_categorical(probs, generator=generator)
+    rows = masked.nonzero(as_tuple=True)
+    if stay_column:
+        jump_mass = probs[:, :-1].sum(dim=-1)
+        total = jump_mass + probs[:, -1].clamp(min=0)
+        uniform = torch.rand(total.shape, device=probs.device, dtype=probs.dtype, generator=generator)
+        leave = uniform * total < jump_mass
+        rows, probs = tuple(r[leave] for r in rows), probs[leave, :-1]
+    x[rows] = graph_lib.sample_categorical(probs, generator=generator)
     return x
 
 
@@ -223,7 +241,7 @@ class EulerPredictor(Predictor):
         batch_index = masked.nonzero(as_tuple=True)[0]
         rate_dt = step_size * _per_row(dsigma, x.shape[0])[batch_index]
         probs = absorbing_euler_probs(log_score_rows(x, sigma, masked), rate_dt)
-        return _resample_masked(x, masked, probs, generator)
+        return _resample_masked(x, masked, probs, generator, stay_column=True)
 
 
 class AnalyticPredictor(Predictor):
@@ -262,7 +280,7 @@ class AnalyticPredictor(Predictor):
         batch_index = masked.nonzero(as_tuple=True)[0]
         dsigma_rows = _per_row(dsigma, x.shape[0])[batch_index]
         probs = absorbing_analytic_probs(log_score_rows(x, curr_sigma, masked), dsigma_rows)
-        return _resample_masked(x, masked, probs, generator)
+        return _resample_masked(x, masked, probs, generator, stay_column=True)
 
 
 class NonePredictor(Predictor):

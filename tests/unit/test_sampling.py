@@ -349,10 +349,38 @@ def test_fast_step_transition_frequencies_match_exact_probs(predictor):
     assert chi2.sf(stat, dof) > 1e-3, f"chi2={stat:.1f} with {dof} dof"
 
 
-@pytest.mark.parametrize("predictor", ["analytic", "euler", "denoiser"])
+def test_two_stage_draw_has_the_one_draw_law():
+    """`_resample_masked` with a stay column (leave the mask or not, then the token on leaving rows) against the
+    normalised probabilities with negative entries at 0: a row that mostly stays, one whose stay entry is negative
+    (always leaves) and one split evenly. 30,000 draws per row, chi-square and total variation."""
+    probs = torch.tensor(
+        [[0.02, 0.05, 0.0, 0.03, 0.9], [0.5, 0.2, 0.1, 0.2, -0.3], [0.1, 0.1, 0.2, 0.1, 0.5]],
+        dtype=torch.float32,
+    )
+    draws = 30000
+    masked = torch.ones(draws, 3, dtype=torch.bool)
+    x = torch.full((draws, 3), 4)
+    out = sampling._resample_masked(x, masked, probs.repeat(draws, 1), seeded(9), stay_column=True)
+    exact = probs.double().clamp(min=0)
+    exact = exact / exact.sum(dim=-1, keepdim=True)
+    stat, dof = 0.0, 0
+    for row in range(3):
+        counts = torch.bincount(out[:, row], minlength=5).double()
+        support = exact[row] > 0
+        assert counts[~support].sum() == 0  # zero and negative entries are never drawn
+        expected = draws * exact[row][support]
+        stat += float(((counts[support] - expected) ** 2 / expected).sum())
+        dof += int(support.sum()) - 1
+        assert 0.5 * float((counts / draws - exact[row]).abs().sum()) < 0.01
+    assert chi2.sf(stat, dof) > 1e-3, f"chi2={stat:.1f} with {dof} dof"
+
+
+@pytest.mark.parametrize("predictor", ["denoiser"])
 def test_fast_step_equals_reference_step_with_same_noise(predictor):
-    """With every position masked both paths draw their uniforms for the same [B * L, K] rows in the same order,
-    so the same generator seed gives the same tokens (the probabilities differ only by float32 rounding)."""
+    """With every position masked both denoisers draw their uniforms for the same [B * L, K] rows in the same
+    order, so the same generator seed gives the same tokens (the probabilities differ only by float32 rounding).
+    The fast predictors draw in two stages (leave the mask or not, then the token on leaving rows only), with
+    other random numbers but the same law: see test_fast_step_transition_frequencies_match_exact_probs."""
     length = 50
     table = step_table(length, total=1.0) + 0.5 * torch.randn(length, TOKENS + 1, generator=seeded(5))
     x = torch.full((40, length), MASK)

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,23 @@ def corrupt(answer: str) -> str:
     return "\n".join([*lines, f"#### {carried}"])
 
 
+def operands_credit(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """A shaped demo reward (`reward=custom reward.path=benchmarks.rl_dpo_pg.operands_credit`): 1 for the right
+    final answer (`exact_match` against `answer`), else half the share of the question's numbers that the
+    worked answer uses, so that a start which rarely answers right still gets a signal toward copying the
+    operands, the first step of a right answer."""
+    from rl.rewards import exact_match
+
+    correct = exact_match(prompts, completions, **fields)
+    credit = []
+    for question, completion, right in zip(prompts, completions, correct, strict=True):
+        wanted = re.findall(r"\d+", question)
+        used = re.findall(r"\d+", completion.split("####")[0])
+        hits = sum(min(wanted.count(x), used.count(x)) for x in set(wanted))
+        credit.append(1.0 if right else 0.5 * hits / max(len(wanted), 1))
+    return credit
+
+
 def write_preferences(directory: Path) -> Path:
     """train.jsonl / test.jsonl of (prompt, chosen, rejected) rows from the demo arithmetic splits."""
     from data import make_demo_arithmetic
@@ -84,13 +102,18 @@ def eval_lines(log: str) -> dict[int, dict[str, float]]:
     return out
 
 
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(name: str, overrides: list[str], out_dir: Path, threads: int) -> dict:
     command = [sys.executable, "run_rl.py", *COMMON, *overrides, f"hydra.run.dir={out_dir / name}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     print("$", " ".join(command[1:]), flush=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), child_cpu_seconds()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, child_cpu_seconds() - cpu_start
     if result.returncode != 0:
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     evals = eval_lines((out_dir / name / "train.log").read_text())
@@ -98,6 +121,7 @@ def run(name: str, overrides: list[str], out_dir: Path, threads: int) -> dict:
     row = {
         "command": "python " + " ".join(command[1:]),
         "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),  # user + system CPU time of the run: what a busy machine does not inflate
         "updates": max(evals),
         "accuracy_start": first.get("accuracy"),
         "accuracy_end": last.get("accuracy"),
@@ -114,29 +138,38 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="which runs")
+    parser.add_argument("--start", default="exp_local/demo/sft", help="the SFT model every run starts from")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides of every run")
     parser.add_argument("--out_dir", default="exp_local/bench/rl_dpo_pg", help="run directories (replaced)")
     parser.add_argument("--results", default="benchmarks/results/rl_dpo_pg.json", help="JSON results file")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of each run"
     )
     args = parser.parse_args()
-    if not (REPO / "exp_local/demo/sft/checkpoints-meta").exists():
+    if not (REPO / args.start).exists():
         raise SystemExit(
-            "No SFT demo model: run `HF_HUB_OFFLINE=1 python sft.py experiment=demo hydra.run.dir=exp_local/demo/sft`."
+            f"No model at {args.start}: run `HF_HUB_OFFLINE=1 python sft.py experiment=demo "
+            "hydra.run.dir=exp_local/demo/sft` (the SFT demo model)."
         )
     out_dir = REPO / args.out_dir
     prefs = write_preferences(out_dir / "preferences")
     results = {}
     for name in args.runs:
         shutil.rmtree(out_dir / name, ignore_errors=True)
-        overrides = [o.format(prefs=prefs) for o in RUNS[name]]
+        overrides = [
+            f"rl.pretrained_model={args.start}",
+            *(o.format(prefs=prefs) for o in RUNS[name]),
+            *args.overrides,
+        ]
         results[name] = run(name, overrides, out_dir, args.threads)
     path = REPO / args.results
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**previous, **results}, indent=2) + "\n")
-    print("\n| run | wall (s) | updates | held-out accuracy: start -> end | held-out preference accuracy |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| run | wall (s) | CPU (s) | updates | held-out accuracy: start -> end | held-out preference accuracy |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         pref = (
             f"{r['heldout_pref_accuracy_start']:.2f} -> {r['heldout_pref_accuracy_end']:.2f}"
@@ -144,7 +177,7 @@ def main() -> None:
             else ""
         )
         print(
-            f"| {name} | {r['wall_s']} | {r['updates']} | {r['accuracy_start']} -> {r['accuracy_end']} | {pref} |"
+            f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['updates']} | {r['accuracy_start']} -> {r['accuracy_end']} | {pref} |"
         )
 
 

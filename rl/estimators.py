@@ -1,7 +1,7 @@
 """Estimates of log p(y | x), the likelihood of a completion y given its prompt x under a SEDD model, for the
 methods that need it (diffusion DPO, rl/dpo.py; policy gradient, rl/pg.py).
 
-A diffusion model has no closed-form likelihood; both estimates take a collated SFT batch (`input_ids`,
+A diffusion model has no closed-form likelihood; the estimates take a collated SFT batch (`input_ids`,
 `attention_mask`, `loss_mask` [B, L]: the prompt clean, the completion, its EOS and any EOS fill scored):
 
 ELBO (`elbo_log_prob`), the negative DWDSE averaged over `n_mc` draws of (t, x_t) (SEDD paper, Eq. 11):
@@ -14,6 +14,20 @@ ELBO (`elbo_log_prob`), the negative DWDSE averaged over `n_mc` draws of (t, x_t
   * variance: from t and x_t, falling as 1 / n_mc. Two models or two completions compared under the same
     (t, x_t) (common random numbers: draws keyed by example id, `mc_draws`) share most of it, so the variance
     of their difference is far below that of independent draws (tests/unit/test_estimators.py measures it).
+
+Normalised ELBO (`normalized_elbo_log_prob`, absorbing graph): the same bound for the model whose score at a
+masked position is renormalised to its exact total mass, i.e. for the denoiser's conditionals
+p = softmax(s_theta) over the vocabulary (the MDLM form of the bound). With m = (e^sigma - 1) sum_y s_y the
+score's total mass (1 for the exact score) and w = dsigma / (e^sigma - 1) (= 1 / t for log-linear noise),
+
+    DWDSE = sum_masked w (-log p(x0_l)) + sum_masked w (m - log m - 1),     l_norm(y) = E[sum_masked w log p(x0_l)]
+
+  * bias: l_norm >= l (it drops the mass term, >= 0); a lower bound on the log-likelihood of the renormalised
+    model. Its gradient cannot lower a completion's estimate by inflating the score's mass at positions that
+    every completion shares, which the plain ELBO allows: with negative weights (rejected completions in DPO,
+    negative advantages in policy gradient) the ELBO of every completion can fall without the samples getting
+    any better.
+  * variance: as the ELBO's (same draws, common random numbers).
 
 One-step mean-field (`mean_field_log_prob`, diffu-GRPO, Zhao et al., 2025): mask every completion position
 (t = 1; optionally also each prompt token with probability `mask_prompt`, as diffu-GRPO does) and sum the
@@ -42,9 +56,9 @@ from graph_lib import Graph
 from losses import LossTerms
 from noise_lib import Noise
 from rl.buffer import collate
-from training import NoiseDraws, autocast, batch_loss, example_noise, to_device
+from training import NoiseDraws, autocast, batch_loss, example_noise, perturb_from_draws, to_device
 
-ESTIMATORS = ("elbo", "mean_field")
+ESTIMATORS = ("elbo", "elbo_normalized", "mean_field")
 
 
 def mc_draws(ids: Sequence[int], length: int, seed: int, n_mc: int, device: torch.device | str) -> NoiseDraws:
@@ -66,6 +80,31 @@ def scored_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["loss_mask"].bool() & batch["attention_mask"].bool()
 
 
+def repeat_batch(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `loss_mask` of a batch repeated `n` times along the batch dimension."""
+    return {key: batch[key].repeat(n, 1) for key in ("input_ids", "attention_mask", "loss_mask")}
+
+
+def denoiser_log_probs(
+    model: nn.Module,
+    x0: torch.Tensor,
+    xt: torch.Tensor,
+    sigma: torch.Tensor,
+    attention_mask,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """log p_theta(x0 | x_t) [N] at the `rows` [B, L] positions (row-major): the log-softmax of the model's
+    scores over the vocabulary, the mask state excluded (absorbing graph)."""
+    logits = model(xt, sigma, attention_mask, output_mask=rows, raw=True)  # [N, dim]
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(1, x0[rows][:, None]).squeeze(1)
+
+
+def sum_at(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per-row sums [B] of `values` [N] laid out at the True positions of `rows` [B, L] (row-major)."""
+    per_token = torch.zeros(rows.shape, dtype=values.dtype, device=values.device)
+    return per_token.masked_scatter(rows, values).sum(dim=1)
+
+
 def elbo_log_prob(
     model: nn.Module,
     graph: Graph,
@@ -78,9 +117,34 @@ def elbo_log_prob(
     """ELBO estimate of log p(y | x) [B] (nats per sequence): minus the DWDSE averaged over the `n_mc` draws
     of `draws` (`mc_draws`), all of them in one forward pass over the batch repeated `n_mc` times."""
     n = batch["input_ids"].shape[0]
-    repeated = {key: batch[key].repeat(n_mc, 1) for key in ("input_ids", "attention_mask", "loss_mask")}
-    terms = batch_loss(model, repeated, graph, noise, draws, sampling_eps)
+    terms = batch_loss(model, repeat_batch(batch, n_mc), graph, noise, draws, sampling_eps)
     return -terms.per_sequence.view(n_mc, n).mean(dim=0)
+
+
+def normalized_elbo_log_prob(
+    model: nn.Module,
+    graph: Graph,
+    noise: Noise,
+    batch: dict[str, torch.Tensor],
+    draws: NoiseDraws,
+    n_mc: int,
+    sampling_eps: float = 1e-3,
+) -> torch.Tensor:
+    """Normalised-ELBO estimate of log p(y | x) [B] (see the module docstring): sum over the masked completion
+    positions of w(t) log softmax(s_theta(x_t))[x0], averaged over the `n_mc` draws (the ELBO's (t, x_t))."""
+    if not graph.absorb:
+        raise ValueError(
+            "rl.method.estimator=elbo_normalized needs an absorbing-graph model; use estimator=elbo."
+        )
+    n = batch["input_ids"].shape[0]
+    repeated = repeat_batch(batch, n_mc)
+    x0 = repeated["input_ids"]
+    t, xt = perturb_from_draws(graph, noise, x0, scored_mask(repeated), draws, sampling_eps)
+    sigma, dsigma = noise(t)
+    rows = scored_mask(repeated) & (xt == graph.dim - 1)
+    log_p = denoiser_log_probs(model, x0, xt, sigma, repeated["attention_mask"], rows)
+    weight = (dsigma / torch.expm1(sigma))[rows.nonzero(as_tuple=True)[0]]
+    return sum_at(rows, weight.float() * log_p).view(n_mc, n).mean(dim=0)
 
 
 def mean_field_log_prob(
@@ -109,12 +173,7 @@ def mean_field_log_prob(
         masked = scored | (prompt & (draws.u_move[: x0.shape[0]] < mask_prompt))
     xt = torch.where(masked, torch.full_like(x0, graph.dim - 1), x0)
     sigma, _ = noise(torch.ones(x0.shape[0], device=x0.device))
-    logits = model(xt, sigma, batch["attention_mask"], output_mask=scored, raw=True)  # [N, dim]
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(1, x0[scored][:, None]).squeeze(1)
-    per_token = torch.zeros(x0.shape, dtype=log_probs.dtype, device=x0.device).masked_scatter(
-        scored, log_probs
-    )
-    return per_token.sum(dim=1)
+    return sum_at(scored, denoiser_log_probs(model, x0, xt, sigma, batch["attention_mask"], scored))
 
 
 def sequence_terms(per_sequence: torch.Tensor, n_scored: torch.Tensor) -> LossTerms:
@@ -153,9 +212,10 @@ class Scorer:
         """log p(y | x) estimates [B] of a collated batch with `ids` [B] (same ids: same noise)."""
         ids = batch["ids"].tolist()
         length = batch["input_ids"].shape[1]
-        if self.estimator == "elbo":
+        if self.estimator in ("elbo", "elbo_normalized"):
             draws = mc_draws(ids, length, self.seed, self.n_mc, batch["input_ids"].device)
-            return elbo_log_prob(model, self.graph, self.noise, batch, draws, self.n_mc, self.sampling_eps)
+            estimate = elbo_log_prob if self.estimator == "elbo" else normalized_elbo_log_prob
+            return estimate(model, self.graph, self.noise, batch, draws, self.n_mc, self.sampling_eps)
         draws = mc_draws(ids, length, self.seed, 1, batch["input_ids"].device) if self.mask_prompt else None
         return mean_field_log_prob(model, self.graph, self.noise, batch, draws, self.mask_prompt)
 
@@ -170,7 +230,7 @@ class Scorer:
         """log p(y | x) estimates [N] (float32, CPU) of `examples` under `model` (in eval mode), in chunks of
         `batch_size` forward rows (sequences times ELBO draws); example i is noised by `ids[i]`."""
         out = []
-        size = max(1, self.batch_size // (self.n_mc if self.estimator == "elbo" else 1))
+        size = max(1, self.batch_size // (1 if self.estimator == "mean_field" else self.n_mc))
         for start in range(0, len(examples), size):
             chunk = slice(start, start + size)
             batch = self.collate(examples[chunk], ids[chunk])
@@ -182,7 +242,8 @@ class Scorer:
 @dataclass
 class LikelihoodMethod:
     """The estimator options shared by the likelihood-ratio methods (dpo, pg): `estimator` (elbo |
-    mean_field), `n_mc` draws of the ELBO, `mask_prompt` (mean_field: share of prompt tokens masked)."""
+    elbo_normalized | mean_field), `n_mc` draws of the ELBOs, `mask_prompt` (mean_field: share of prompt
+    tokens masked)."""
 
     estimator: str = "elbo"
     n_mc: int = 4

@@ -14,7 +14,7 @@ import graph_lib
 import noise_lib
 from losses import score_entropy_loss
 from rl.buffer import collate, make_example
-from rl.estimators import elbo_log_prob, mc_draws, mean_field_log_prob
+from rl.estimators import elbo_log_prob, mc_draws, mean_field_log_prob, normalized_elbo_log_prob
 from tests.rl_toy import TRUE_P, toy_batch, toy_parts, toy_scorer, trained_toy
 from tests.tiny_models import one_thread  # noqa: F401  (autouse fixture)
 from training import example_noise, perturb_from_draws
@@ -49,6 +49,37 @@ def test_elbo_is_minus_the_mean_score_entropy_loss_over_its_draws(tiny_model):
         ).per_sequence  # fmt: skip
     torch.testing.assert_close(estimate, -total / n_mc)
     assert bool((estimate < 0).all())
+
+
+class ExactMass(torch.nn.Module):
+    """A SEDD whose score at every masked position has the exact total mass: its log-scores are the log-softmax
+    of the inner model's over the vocabulary, shifted so that (e^sigma - 1) sum_y s_y = 1."""
+
+    scale_by_sigma = True
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, xt, sigma, attention_mask=None, output_mask=None, raw=False):
+        logits = self.inner(xt, sigma, attention_mask, output_mask=output_mask, raw=True)
+        real = torch.log_softmax(logits[..., :-1], dim=-1) + math.log(logits.shape[-1] - 1)
+        return torch.cat([real, logits[..., -1:]], dim=-1)
+
+
+def test_the_normalised_elbo_drops_the_score_mass_term(tiny_model):
+    """l_norm >= l on the same draws, with equality for a model whose score mass is exact."""
+    graph, noise = graph_lib.get_graph(tiny_model.config), noise_lib.get_noise(tiny_model.config)
+    batch, n_mc = padded_batch(), 4
+    draws = mc_draws([1, 2, 3], batch["input_ids"].shape[1], 0, n_mc, "cpu")
+    with torch.no_grad():
+        plain = elbo_log_prob(tiny_model, graph, noise, batch, draws, n_mc)
+        normalized = normalized_elbo_log_prob(tiny_model, graph, noise, batch, draws, n_mc)
+        assert bool((normalized > plain + 1e-3).all()) and bool((normalized <= 0).all())
+        exact = ExactMass(tiny_model)
+        e_plain = elbo_log_prob(exact, graph, noise, batch, draws, n_mc)
+        torch.testing.assert_close(normalized_elbo_log_prob(exact, graph, noise, batch, draws, n_mc), e_plain)
+        torch.testing.assert_close(e_plain, normalized)  # the normalised ELBO only sees the softmax
 
 
 def test_common_random_numbers_cut_the_variance_of_an_elbo_difference(tiny_model):
@@ -117,7 +148,9 @@ def test_estimators_on_a_distribution_known_exactly():
     graph, noise = toy_parts(toy_model)
     n_mc = 512
     with torch.no_grad():
-        elbo = elbo_log_prob(toy_model, graph, noise, batch, mc_draws(range(4), 3, 0, n_mc, "cpu"), n_mc)
+        draws = mc_draws(range(4), 3, 0, n_mc, "cpu")
+        elbo = elbo_log_prob(toy_model, graph, noise, batch, draws, n_mc)
+        normalized = normalized_elbo_log_prob(toy_model, graph, noise, batch, draws, n_mc)
         mean_field = mean_field_log_prob(toy_model, graph, noise, batch)
     # the ELBO bounds the model's log-likelihood, so its expectation under the data is a cross-entropy: at least
     # the entropy H(p) (up to the Monte-Carlo error), and near it for a model fitted to p
@@ -127,8 +160,14 @@ def test_estimators_on_a_distribution_known_exactly():
     assert entropy - 0.05 <= cross_entropy <= entropy + 0.25, (cross_entropy, entropy)
     # each likely completion's -ELBO is near its true negative log-probability
     assert (-elbo[:2] - nll[:2]).abs().max() < 0.25, (-elbo, nll)
-    # both rank the completions in the true order, and a completion outside the support far below them
-    assert bool((elbo[:-1] > elbo[1:]).all()) and bool((mean_field[:-1] > mean_field[1:]).all())
+    # the normalised ELBO is above the plain one (by the score-mass term) and also near the truth
+    assert bool((normalized >= elbo).all()) and (-normalized[:2] - nll[:2]).abs().max() < 0.25, (
+        -normalized,
+        nll,
+    )
+    # all rank the completions in the true order, and a completion outside the support far below them
+    for estimate in (elbo, normalized, mean_field):
+        assert bool((estimate[:-1] > estimate[1:]).all()), estimate
     outside = toy_batch([(1, 1)])
     with torch.no_grad():
         assert (

@@ -430,7 +430,9 @@ def run_rl(cfg: DictConfig) -> str:
                 {"prompt": rollout.questions[b], "completion": text, "reward": r}
                 for b, text, r in zip(rollout.group.tolist(), rollout.texts, rows["reward"], strict=True)
             ]
-        weights = dict(zip(selection.rows, selection.weights, strict=True))
+        weights: dict[int, float] = {}  # a row selected several times (rwd's resampling): its summed weight
+        for row, weight in zip(selection.rows, selection.weights, strict=True):
+            weights[row] = weights.get(row, 0.0) + weight
         for i, record in enumerate(records):
             record.update(selected=i in weights, weight=weights.get(i, 0.0))
             for name in ("correct", "kl"):

@@ -18,6 +18,12 @@ A group whose rewards are all equal says nothing about what is better: its weigh
 and training on it only sharpens the policy around its own samples (self-distillation), which on a sparse
 reward (all k answers wrong) is most of the data. `skip_uniform` (default) leaves such groups out, as DAPO's
 dynamic sampling and rl/pg.py do; `skip_uniform=False` keeps them (plain reward-weighted regression).
+How the weights reach the loss (`batching`). `weight`: each completion's DWDSE is multiplied by its weight.
+But one update sees a minibatch, and a minibatch that happens to hold only low-weight completions still moves
+the policy toward them at full step size (Adam rescales every step), which on a continuous reward can undo
+the previous update. `resample` (default): the N completions are redrawn in proportion to their weights
+(`systematic_resample`, deterministic), each copy with weight 1, so every minibatch is a sample of the
+reweighted distribution pi_old exp(A / beta) and the weighted objective holds per minibatch, in expectation.
 Optional KL control to the starting model: the reward is shaped as r_i - kl_coef * KL_hat_i, KL_hat_i the
 per-completion ELBO estimate of log pi(x_i) - log ref(x_i) (`rl.kl`) in nats.
 
@@ -38,6 +44,7 @@ from rl.buffer import Selection, encode_completions, make_example
 
 WEIGHTINGS = ("exp", "softmax")
 NORMALIZATIONS = ("group", "batch")
+BATCHINGS = ("resample", "weight")
 
 
 def reward_weights(
@@ -71,6 +78,17 @@ def reward_weights(
         else:
             weights[at] = x.numel() * torch.softmax(x / beta, dim=0)
     return weights.clamp(max=max_weight).float()
+
+
+def systematic_resample(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices [n] drawn in proportion to `weights` [N] (>= 0, not all 0) by systematic resampling with the
+    fixed offset 1/2: index i appears round(C_i) - round(C_{i-1}) times, C_i = n * sum_{j<=i} w_j / sum w, so
+    its count is within 1 of n w_i / sum w. Deterministic (no random draw), in index order."""
+    if n < 0 or weights.numel() == 0 or not bool(weights.sum() > 0) or bool((weights < 0).any()):
+        raise ValueError("systematic_resample needs n >= 0 and non-negative weights with a positive sum.")
+    edges = torch.floor(torch.cumsum(weights.double(), 0) / weights.double().sum() * n + 0.5).long()
+    counts = torch.diff(edges, prepend=edges.new_zeros(1))
+    return torch.repeat_interleave(torch.arange(weights.numel()), counts)
 
 
 @dataclass
@@ -143,6 +161,7 @@ class RewardWeighted:
     max_weight: float = 20.0
     normalize: str = "group"
     skip_uniform: bool = True
+    batching: str = "resample"
     kl_coef: float = 0.0
     offline: OfflineData | dict | None = field(default=None)
 
@@ -154,6 +173,8 @@ class RewardWeighted:
             raise ValueError(
                 f"rl.method.weighting={self.weighting!r} is not valid; choose one of {WEIGHTINGS}."
             )
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"rl.method.batching={self.batching!r} is not valid; choose one of {BATCHINGS}.")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(
                 f"rl.method.normalize={self.normalize!r} is not valid; choose one of {NORMALIZATIONS}."
@@ -203,4 +224,8 @@ class RewardWeighted:
             "weight_ess": float(w.sum() ** 2 / (w.pow(2).sum() * n)) if n else 0.0,
             "acceptance": n / max(len(rewards), 1),
         }
-        return Selection(rows, w.tolist(), metrics)
+        if self.batching == "weight" or not rows:
+            return Selection(rows, w.tolist(), metrics)
+        drawn = systematic_resample(w, n)
+        metrics["resampled_unique"] = len(set(drawn.tolist())) / max(n, 1)
+        return Selection([rows[i] for i in drawn.tolist()], [1.0] * n, metrics)

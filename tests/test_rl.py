@@ -40,11 +40,12 @@ def start(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("method", "options"),
     [
-        ("reft", ["rl.method.threshold=null"]),  # the best of k, whatever its reward
-        ("rwd", ["rl.kl_estimate=False"]),
+        ("reft", ["rl.method.threshold=null"]),  # the best of k, whatever its reward: 4 examples, 1 update
+        ("rwd", ["rl.kl_estimate=False", "training.batch_size=16"]),  # one update over each iteration's 16
     ],
 )
 def test_a_tiny_run_raises_a_synthetic_reward_and_writes_its_outputs(tmp_path, start, method, options):
+    """Twelve updates, one per iteration."""
     run_dir = tmp_path / method
     cfg = rl_config(
         run_dir,
@@ -65,8 +66,9 @@ def test_a_tiny_run_raises_a_synthetic_reward_and_writes_its_outputs(tmp_path, s
     assert len(evals) == 2 and 0.15 < evals[0] < 0.45 and evals[1] > evals[0] + 0.3, evals
     assert all(math.isfinite(v) for v in logged(log, "train", "loss"))
     acceptance = logged(log, "rollout", "acceptance")
-    # reft: the best 1 of k=4; rwd: all but the groups whose 4 rewards are equal (rare with this reward)
-    assert acceptance == [0.25] * 12 if method == "reft" else len(acceptance) == 3 and min(acceptance) >= 0.5
+    # reft: the best 1 of k=4, one update each; rwd: all but the groups whose 4 rewards are equal (an iteration
+    # without any is sampled again)
+    assert acceptance == [0.25] * 12 if method == "reft" else len(acceptance) >= 12 and max(acceptance) == 1
     kl = logged(log, "rollout", "kl")
     if method == "reft":  # the first rollout is sampled by the starting model itself: KL exactly 0
         assert kl[0] == 0 and kl[-1] > 0.05, kl
@@ -74,7 +76,7 @@ def test_a_tiny_run_raises_a_synthetic_reward_and_writes_its_outputs(tmp_path, s
         assert not kl and logged(log, "rollout", "weight_ess")
 
     state, _ = load_checkpoint(run_dir)
-    assert state["step"] == 12 and state["extra"]["rl"]["iteration"] == (12 if method == "reft" else 3)
+    assert state["step"] == 12 and state["extra"]["rl"]["iteration"] == len(acceptance)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "checkpoint_12.pth",
         "checkpoint_6.pth",
@@ -88,7 +90,13 @@ def test_a_tiny_run_raises_a_synthetic_reward_and_writes_its_outputs(tmp_path, s
     rows = [json.loads(line) for line in (run_dir / "samples" / "iter_1.jsonl").read_text().splitlines()]
     assert len(rows) == 16  # 4 prompts x k=4
     assert {"prompt", "completion", "reward", "selected", "weight", "correct", "iteration"} <= set(rows[0])
-    assert sum(r["selected"] for r in rows) == 16 * acceptance[0]
+    if (
+        method == "rwd"
+    ):  # resampled in proportion to exp(A / beta): 16 draws, the better completions more often
+        assert sum(r["weight"] for r in rows) == 16 and sum(r["selected"] for r in rows) < 16
+        for b in range(4):
+            group = sorted(rows[4 * b : 4 * b + 4], key=lambda r: r["reward"])
+            assert [r["weight"] for r in group] == sorted(r["weight"] for r in group)
     if method == "reft":  # the best of each prompt's four
         for b in range(4):
             group = rows[4 * b : 4 * b + 4]
@@ -209,7 +217,8 @@ def test_rwd_on_an_offline_dataset_of_scored_completions(tmp_path, start):
     run_rl.validate_config(cfg)
     assert run_rl.run_rl(cfg) == "done"
     records = [json.loads(line) for line in (run_dir / "samples" / "iter_1.jsonl").read_text().splitlines()]
-    assert len(records) == 8 and all(r["selected"] for r in records)  # 4 prompts of the 4 drawn x 2 rows
-    for record in records:  # group-normalised advantages are +-1: weights exp(+-1 / beta), beta = 0.5
-        assert record["weight"] == pytest.approx(math.exp(2.0 if record["reward"] else -2.0), rel=1e-4)
+    assert len(records) == 8  # the 4 prompts drawn x 2 rows
+    # group-normalised advantages are +-1, weights exp(+-1 / beta) = 7.39 and 0.14 (beta = 0.5): resampling
+    # 8 draws in proportion gives each right completion 8 * 7.39 / 30.1 = 1.96 -> 2 copies, each wrong one none
+    assert [r["weight"] for r in records] == [2.0 if r["reward"] else 0.0 for r in records]
     assert all(math.isfinite(v) for v in logged((run_dir / "train.log").read_text(), "train", "loss"))

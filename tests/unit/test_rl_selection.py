@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rl.reft import ReFT, select_reft
-from rl.rwd import RewardWeighted, reward_weights
+from rl.rwd import RewardWeighted, reward_weights, systematic_resample
 
 # 3 prompts x k=4 completions, prompt-major (row b * 4 + g)
 REWARDS = [
@@ -96,7 +96,13 @@ def test_equal_rewards_give_uniform_weights(weighting):
 def test_group_versus_batch_normalisation():
     # prompt 0 is easy (all right), prompt 1 hard (one right): within groups, prompt 0's answers are average
     rewards = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
-    options = {"weighting": "exp", "beta": 1.0, "max_weight": 1e3, "skip_uniform": False}
+    options = {
+        "weighting": "exp",
+        "beta": 1.0,
+        "max_weight": 1e3,
+        "skip_uniform": False,
+        "batching": "weight",
+    }
     group = RewardWeighted(normalize="group", **options).select(rewards, 3)
     batch = RewardWeighted(normalize="batch", **options).select(rewards, 3)
     assert group.rows == batch.rows == list(range(6))
@@ -110,7 +116,9 @@ def test_group_versus_batch_normalisation():
 
 
 def test_rwd_metrics_and_kl_shaping():
-    method = RewardWeighted(weighting="softmax", beta=1.0, max_weight=10.0, kl_coef=0.5, skip_uniform=False)
+    method = RewardWeighted(
+        weighting="softmax", beta=1.0, max_weight=10.0, kl_coef=0.5, skip_uniform=False, batching="weight"
+    )
     plain = method.select([1.0, 1.0], 2)
     assert plain.weights == pytest.approx([1.0, 1.0])
     assert plain.metrics["weight_ess"] == pytest.approx(1.0)
@@ -123,11 +131,29 @@ def test_rwd_metrics_and_kl_shaping():
 
 def test_rwd_skips_groups_without_signal():
     rewards = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # all right, one right, all wrong
-    skipping = RewardWeighted(weighting="exp", beta=1.0, max_weight=1e3).select(rewards, 3)
-    keeping = RewardWeighted(weighting="exp", beta=1.0, max_weight=1e3, skip_uniform=False).select(rewards, 3)
+    options = {"weighting": "exp", "beta": 1.0, "max_weight": 1e3, "batching": "weight"}
+    skipping = RewardWeighted(**options).select(rewards, 3)
+    keeping = RewardWeighted(**options, skip_uniform=False).select(rewards, 3)
     assert skipping.rows == [3, 4, 5] and keeping.rows == list(range(9))
     assert skipping.weights == pytest.approx(keeping.weights[3:6])
     assert skipping.metrics["acceptance"] == pytest.approx(1 / 3)
+
+
+def test_systematic_resampling_draws_in_proportion():
+    assert systematic_resample(torch.tensor([1.0, 1.0, 1.0, 1.0]), 4).tolist() == [0, 1, 2, 3]
+    # expected counts 6 * [0.1, 0.6, 0.3] = [0.6, 3.6, 1.8] -> cumulative 0.6, 4.2, 6 rounded: 1, 4, 6
+    assert systematic_resample(torch.tensor([0.1, 0.6, 0.3]), 6).tolist() == [0, 1, 1, 1, 2, 2]
+    draws = systematic_resample(torch.rand(50, generator=torch.Generator().manual_seed(0)), 1000)
+    assert len(draws) == 1000 and draws.tolist() == sorted(draws.tolist())
+    with pytest.raises(ValueError, match="positive sum"):
+        systematic_resample(torch.zeros(3), 3)
+
+
+def test_rwd_resampling_keeps_the_number_of_examples_with_unit_weights():
+    rewards = [0.0, 0.0, 0.0, 1.0]  # exp weights 0.56 x 3 and 5.65 (beta 1): 4 draws -> the right one 3 times
+    resampled = RewardWeighted(weighting="exp", beta=1.0).select(rewards, 4)
+    assert resampled.rows == [1, 3, 3, 3] and resampled.weights == [1.0] * 4
+    assert resampled.metrics["resampled_unique"] == 0.5
 
 
 def test_rwd_groups_of_different_sizes_and_option_errors():
@@ -137,6 +163,8 @@ def test_rwd_groups_of_different_sizes_and_option_errors():
         RewardWeighted(weighting="linear")
     with pytest.raises(ValueError, match="choose one of"):
         RewardWeighted(normalize="prompt")
+    with pytest.raises(ValueError, match="choose one of"):
+        RewardWeighted(batching="sample")
     with pytest.raises(ValueError, match="must be > 0"):
         RewardWeighted(beta=0.0)
     with pytest.raises(ValueError, match="one group id per reward"):

@@ -16,11 +16,14 @@ import itertools
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -205,39 +208,41 @@ WORKERS = {
 }
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(run: Callable[[], Any], repeats: int, device: torch.device) -> tuple[list[float], float, Any]:
+    """Wall seconds of each of `repeats` calls, the process CPU seconds (user + system) per call, last result."""
+    times, result, cpu_start = [], None, _cpu_seconds()
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times, (_cpu_seconds() - cpu_start) / repeats, result
+
+
 def measure(job: dict) -> dict:
     """Run one (impl, task, model, device, precision) measurement in this process."""
     args = argparse.Namespace(**job)
     device, dtype = torch.device(args.device), DTYPES[args.precision]
     config = run_config(args.model)
     config["model"]["length"] = max(config["model"]["length"], args.length)
-    weights = random_weights(config)
-    work = WORKERS[args.impl, args.task](config, weights, args, device, dtype)
+    work = WORKERS[args.impl, args.task](config, random_weights(config), args, device, dtype)
     memory = PeakMemory(device)
-    times = []
+    tokens = args.batch * args.length
     if args.task == "train":
-        for _ in range(args.warmup):
-            work()
+        _timed(work, args.warmup, device)
         memory.start()
-        for _ in range(args.steps):
-            _sync(device)
-            start = time.perf_counter()
-            loss = work()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        tokens = args.batch * args.length
-        flops = 3 * flops_per_token(config, args.length) * tokens
-        extra = {"loss": loss}
+        times, cpu, loss = _timed(work, args.steps, device)
+        flops, extra = 3 * flops_per_token(config, args.length) * tokens, {"loss": loss}
     else:
         work(2)  # warm-up: kernels, allocator, thread pool
         memory.start()
-        for _ in range(args.sample_repeats):
-            _sync(device)
-            start = time.perf_counter()
-            work(args.sample_steps)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        tokens = args.batch * args.length
+        times, cpu, _ = _timed(lambda: work(args.sample_steps), args.sample_repeats, device)
         flops = (args.sample_steps + 1) * flops_per_token(config, args.length) * tokens
         extra = {"sample_steps": args.sample_steps}
     seconds = statistics.median(times)
@@ -246,6 +251,7 @@ def measure(job: dict) -> dict:
         **extra,
         "seconds": seconds,
         "times": times,
+        "cpu_seconds": cpu,
         "tokens_per_s": tokens / seconds,
         "gflops": flops / seconds / 1e9,
         "peak_bytes": memory.peak(),
@@ -296,12 +302,12 @@ def _fmt_mib(n: int) -> str:
 
 
 def table(results: list[dict], peaks: dict[str, dict]) -> str:
-    """One row per measurement; `speedup` is against the original at the same precision and, in
-    brackets, against the original in fp32."""
+    """One row per measurement. `x orig` is the speedup against the original at the same precision (wall time;
+    in brackets against the original in fp32); `x cpu` is the same ratio in process CPU time (user + system)."""
     by_key = {(r["model"], r["device"], r["task"], r["precision"], r["impl"]): r for r in results}
     head = (
         f"{'model':6} {'device':6} {'task':6} {'prec':5} {'impl':9} {'tokens/s':>9} {'s/iter':>8} "
-        f"{'speedup':>13} {'peak MiB':>9} {'+step MiB':>9} {'GFLOP/s':>8} {'%peak':>6}"
+        f"{'cpu s':>7} {'x orig':>14} {'x cpu':>6} {'peak MiB':>9} {'+step MiB':>9} {'GFLOP/s':>8} {'%peak':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -311,12 +317,13 @@ def table(results: list[dict], peaks: dict[str, dict]) -> str:
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         if base32 and base32 is not base:
             speed += f" ({r['tokens_per_s'] / base32['tokens_per_s']:.2f}x)"
+        cpu_speed = f"{base['cpu_seconds'] / r['cpu_seconds']:.2f}x" if base else "-"
         peak = peaks[r["device"]][r["precision"]]
         lines.append(
             f"{r['model']:6} {r['device']:6} {r['task']:6} {r['precision']:5} {r['impl']:9} "
-            f"{r['tokens_per_s']:9.1f} {r['seconds']:8.3f} {speed:>13} {_fmt_mib(r['peak_bytes']):>9} "
-            f"{_fmt_mib(r['peak_bytes'] - r['baseline_bytes']):>9} {r['gflops']:8.1f} "
-            f"{100 * r['gflops'] / peak:5.0f}%"
+            f"{r['tokens_per_s']:9.1f} {r['seconds']:8.3f} {r['cpu_seconds']:7.2f} {speed:>14} {cpu_speed:>6} "
+            f"{_fmt_mib(r['peak_bytes']):>9} {_fmt_mib(r['peak_bytes'] - r['baseline_bytes']):>9} "
+            f"{r['gflops']:8.1f} {100 * r['gflops'] / peak:5.0f}%"
         )
     lines.append("")
     for device, peak in peaks.items():
@@ -358,6 +365,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda when available)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in every worker (default: torch's, all cores)",
+    )
     parser.add_argument("--checkpointing", action="store_true", help="ours: activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer blocks")
     parser.add_argument(
@@ -375,13 +388,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
         job = json.loads(args.worker)
+        if job.get("threads"):
+            torch.set_num_threads(job["threads"])
         print(json.dumps(matmul_peak(job) if job.get("kind") == "peak" else measure(job)))
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    names = "batch length steps warmup sample_steps sample_repeats checkpointing compile thp".split()
+    names = "batch length steps warmup sample_steps sample_repeats threads checkpointing compile thp".split()
     common = {k: getattr(args, k) for k in names}
     load_start = os.getloadavg()
-    peaks = {device: run_job({"kind": "peak", "device": device, "thp": args.thp}) for device in devices}
+    peak_job = {"kind": "peak", "thp": args.thp, "threads": args.threads}
+    peaks = {device: run_job({**peak_job, "device": device}) for device in devices}
     results = []
     for model, device, task, precision, impl in itertools.product(
         args.model, devices, args.task, args.precision, args.impl
@@ -391,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         times = [round(t, 3) for t in results[-1]["times"]]
         print(f"  {model} {device} {task} {precision} {impl}: times {times} s", file=sys.stderr, flush=True)
     for device in devices:
-        start, end = peaks[device], run_job({"kind": "peak", "device": device, "thp": args.thp})
+        start, end = peaks[device], run_job({**peak_job, "device": device})
         peaks[device] = {p: max(start[p], end[p]) for p in ("fp32", "bf16")}
         peaks[device].update(
             {f"{when}_{p}": run[p] for when, run in (("start", start), ("end", end)) for p in DTYPES}
@@ -403,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = {
             "argv": sys.argv,
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": args.threads or torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "loadavg_start": load_start,
             "loadavg_end": load_end,

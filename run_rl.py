@@ -418,7 +418,7 @@ def run_rl(cfg: DictConfig) -> str:
                     precision=precision,
                     seed=_rollout_seed(cfg.seed, buffer.iteration, rank),
                     batch_size=cfg.sampling.batch_size,
-                    show_progress=utils.is_main_process(),
+                    show_progress=utils.is_main_process() and sys.stderr.isatty(),  # no bars in logs
                 )
                 rows = score_rollout(policy, rollout, id_base)
                 keys = [tuple(t) for t in rollout.tokens]

@@ -102,6 +102,14 @@ class OfflineData:
     reward_field: str = "reward"
 
 
+def offline_options(value: Any, cls: type) -> Any:
+    """A method's `offline` option (a config mapping, a `cls` or None) as a `cls`, or None when it names no
+    dataset (online samples)."""
+    if value is not None and not isinstance(value, cls):
+        value = cls(**dict(value))
+    return value if value is not None and value.dataset is not None else None
+
+
 @dataclass
 class OfflineGroups:
     """Tokenized offline rows grouped by prompt: `groups[j]` lists (example, reward, completion text) of the
@@ -183,12 +191,7 @@ class RewardWeighted:
             raise ValueError(
                 f"rl.method.beta={self.beta} and max_weight={self.max_weight} must be > 0, kl_coef={self.kl_coef} >= 0."
             )
-        if isinstance(self.offline, dict) or (
-            self.offline is not None and not isinstance(self.offline, OfflineData)
-        ):
-            self.offline = OfflineData(**dict(self.offline))
-        if self.offline is not None and self.offline.dataset is None:
-            self.offline = None
+        self.offline = offline_options(self.offline, OfflineData)
 
     def select(
         self,

@@ -11,21 +11,12 @@ import noise_lib
 from model.ema import ExponentialMovingAverage
 from rl.buffer import ExampleBuffer, collate, make_example
 from rl.rollout import generate_rollouts, policy_weights
+from tests.rl_helpers import YES
 from tests.tiny_models import one_thread, tiny_sedd, token_preferring_sedd  # noqa: F401 (autouse fixture)
 from tokenizer import EOS_ID, get_tokenizer
 from training import TrainState
 
 PROMPTS = ["What is 2 + 3?", "Tom has 23 apples and buys 45 more. How many apples does Tom have now?"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def yes_id(tokenizer):
-    return tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
 
 
 def rollout(model, tokenizer, *, k=3, seed=0, pad_with_eos=True, max_new_tokens=8):
@@ -48,8 +39,9 @@ def rollout(model, tokenizer, *, k=3, seed=0, pad_with_eos=True, max_new_tokens=
     )
 
 
-def test_k_completions_per_prompt_keep_the_prompt_and_stop_at_eos(tokenizer, yes_id):
-    model = token_preferring_sedd({yes_id: 0.7, EOS_ID: 0.3})
+def test_k_completions_per_prompt_keep_the_prompt_and_stop_at_eos():
+    tokenizer = get_tokenizer()
+    model = token_preferring_sedd({YES: 0.7, EOS_ID: 0.3})
     out = rollout(model, tokenizer, k=3)
     prompt_ids = tokenizer(PROMPTS, add_special_tokens=False)["input_ids"]
     assert len(out) == 6 and out.group.tolist() == [0, 0, 0, 1, 1, 1]
@@ -61,7 +53,7 @@ def test_k_completions_per_prompt_keep_the_prompt_and_stop_at_eos(tokenizer, yes
         n_prompt, n_answer = len(prompt), len(out.tokens[r])
         assert out.input_ids[r, :n_prompt].tolist() == prompt
         assert out.prompt_len[r] == n_prompt
-        assert set(out.tokens[r]) <= {yes_id}  # cut at the first EOS: none inside the completion
+        assert set(out.tokens[r]) <= {YES}  # cut at the first EOS: none inside the completion
         assert out.completion_len[r] == n_answer and out.finished[r]
         assert out.texts[r] == tokenizer.decode(out.tokens[r])
         assert out.input_ids[r, n_prompt : n_prompt + n_answer].tolist() == out.tokens[r]
@@ -71,18 +63,20 @@ def test_k_completions_per_prompt_keep_the_prompt_and_stop_at_eos(tokenizer, yes
     assert 0 < sum(out.completion_len.tolist()) < 6 * 20  # some " yes", and the EOS ends them early
 
 
-def test_unfinished_completion_gets_no_eos_and_padding_is_not_scored(tokenizer, yes_id):
-    model = token_preferring_sedd({yes_id: 1.0})  # never ends
+def test_unfinished_completion_gets_no_eos_and_padding_is_not_scored():
+    tokenizer = get_tokenizer()
+    model = token_preferring_sedd({YES: 1.0})  # never ends
     out = rollout(model, tokenizer, k=2, pad_with_eos=False, max_new_tokens=5)
-    assert out.tokens == [[yes_id] * 5] * 4 and not out.finished.any()
+    assert out.tokens == [[YES] * 5] * 4 and not out.finished.any()
     batch = out.batch(range(4), EOS_ID, pad_to=None)
     for r in range(4):
         n = int(out.prompt_len[r])
-        assert batch["input_ids"][r, : n + 5].tolist()[n:] == [yes_id] * 5
+        assert batch["input_ids"][r, : n + 5].tolist()[n:] == [YES] * 5
         assert batch["loss_mask"][r].bool().logical_and(batch["attention_mask"][r].bool()).sum() == 5
 
 
-def test_same_seed_same_tokens_other_seed_differs(tokenizer):
+def test_same_seed_same_tokens_other_seed_differs():
+    tokenizer = get_tokenizer()
     model = tiny_sedd(seed=1)
     first, again, other = (rollout(model, tokenizer, seed=s).tokens for s in (3, 3, 4))
     assert first == again

@@ -245,7 +245,7 @@ class LikelihoodMethod:
     elbo_normalized | mean_field), `n_mc` draws of the ELBOs, `mask_prompt` (mean_field: share of prompt
     tokens masked)."""
 
-    estimator: str = "elbo"
+    estimator: str = "elbo_normalized"
     n_mc: int = 4
     mask_prompt: float = 0.0
 

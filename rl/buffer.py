@@ -99,6 +99,24 @@ class Selection:
             )
 
 
+def group_ids(
+    n: int, group_size: int, groups: Sequence[int] | None = None, normalize: str = "group"
+) -> torch.Tensor:
+    """The group [N] of each of N scored completions for a method that compares them: `groups` (prompt ids,
+    offline data) or consecutive groups of `group_size` (prompt-major rollouts); one group with
+    `normalize="batch"`."""
+    if normalize == "batch":
+        return torch.zeros(n, dtype=torch.long)
+    if groups is not None:
+        return torch.as_tensor(list(groups), dtype=torch.long)
+    return torch.arange(n) // group_size
+
+
+def uniform_groups(rewards: torch.Tensor, groups: torch.Tensor) -> set[int]:
+    """The groups whose rewards [N] are all equal (no preference among their completions)."""
+    return {int(g) for g in torch.unique(groups) if rewards[groups == g].max() == rewards[groups == g].min()}
+
+
 def _pass_seed(seed: int, iteration: int, n_pass: int) -> int:
     return (seed * 1_000_003 + iteration * 7_919 + n_pass * 104_729 + 0xB0F) % (2**63 - 1)
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses import LossTerms
-from rl.buffer import Selection, encode_completions, make_example
+from rl.buffer import Selection, encode_completions, group_ids, make_example
 from rl.estimators import LikelihoodMethod, Scorer, scored_mask, sequence_terms
-from rl.rwd import OfflineGroups
+from rl.rwd import OfflineGroups, offline_options
 
 EVAL_ID_BASE = 2**40  # noise ids of held-out pairs: the same draws at every evaluation
 
@@ -55,13 +55,11 @@ def select_pairs(rewards: Sequence[float], group_size: int, groups: Sequence[int
     differ, as consecutive rows (chosen, rejected) with weights (+1, -1). `groups` [N] (ids) defaults to
     consecutive groups of `group_size` (prompt-major rollouts)."""
     n = len(rewards)
-    if groups is None:
-        if group_size < 1 or n % group_size:
-            raise ValueError(f"{n} rewards do not form groups of k={group_size} completions per prompt.")
-        groups = [i // group_size for i in range(n)]
+    if groups is None and (group_size < 1 or n % group_size):
+        raise ValueError(f"{n} rewards do not form groups of k={group_size} completions per prompt.")
     members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(int(g), []).append(i)
+    for i, g in enumerate(group_ids(n, group_size, groups).tolist()):
+        members.setdefault(g, []).append(i)
     rows: list[int] = []
     gaps: list[float] = []
     for group in members.values():
@@ -151,10 +149,7 @@ class DPO(LikelihoodMethod):
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"rl.method.beta={self.beta} must be > 0 (the DPO temperature).")
-        if self.offline is not None and not isinstance(self.offline, PreferenceData):
-            self.offline = PreferenceData(**dict(self.offline))
-        if self.offline is not None and self.offline.dataset is None:
-            self.offline = None
+        self.offline = offline_options(self.offline, PreferenceData)
 
     def select(
         self,

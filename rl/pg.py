@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from losses import LossTerms
-from rl.buffer import Selection
+from rl.buffer import Selection, group_ids, uniform_groups
 from rl.estimators import LikelihoodMethod, Scorer, scored_mask, sequence_terms
 
 NORMALIZATIONS = ("group", "batch")
@@ -126,15 +126,10 @@ class PolicyGradient(LikelihoodMethod):
         """Every completion with its advantage as weight; with `skip_uniform`, not those of groups whose
         rewards are all equal (zero advantage: no policy gradient, DAPO's dynamic sampling)."""
         n = len(rewards)
-        if self.normalize == "batch":
-            g = torch.zeros(n, dtype=torch.long)
-        elif groups is not None:
-            g = torch.as_tensor(list(groups), dtype=torch.long)
-        else:
-            g = torch.arange(n) // group_size
+        g = group_ids(n, group_size, groups, self.normalize)
         r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
         advantages = group_advantages(r, g, self.scale_std)
-        uniform = {int(x) for x in torch.unique(g) if r[g == x].max() == r[g == x].min()}
+        uniform = uniform_groups(r, g)
         rows = [i for i in range(n) if not (self.skip_uniform and int(g[i]) in uniform)]
         metrics = {
             "acceptance": len(rows) / max(n, 1),

@@ -54,6 +54,11 @@ recipe.register_resolvers()
 ROLLOUT_WEIGHTS = ("live", "ema")
 
 
+class NoSignalError(ValueError):
+    """rl.max_empty_iters iterations in a row gave the method nothing to train on (a fixable setting: the run
+    ends with its message and exit code 1)."""
+
+
 # ----------------------------------------------------------------------------- setup
 def build(node: DictConfig, key: str) -> Any:
     """`instantiate(node)`, with the error of a bad option (the ValueError / ImportError the target raises,
@@ -474,7 +479,7 @@ def run_rl(cfg: DictConfig) -> str:
             collect(st)
             st.extra["rl"] = buffer.state_dict()
             if buffer.empty_in_row >= cfg.rl.max_empty_iters:
-                raise RuntimeError(
+                raise NoSignalError(
                     f"{buffer.empty_in_row} iterations in a row selected no completion (last rollout's metrics are "
                     f"in {run_dir / 'train.log'}). Raise rl.k, lower rl.method.threshold (ReFT), check the reward "
                     "on the samples/ files, or start from a better SFT model."

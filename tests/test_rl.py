@@ -222,3 +222,20 @@ def test_rwd_on_an_offline_dataset_of_scored_completions(tmp_path, start):
     # 8 draws in proportion gives each right completion 8 * 7.39 / 30.1 = 1.96 -> 2 copies, each wrong one none
     assert [r["weight"] for r in records] == [2.0 if r["reward"] else 0.0 for r in records]
     assert all(math.isfinite(v) for v in logged((run_dir / "train.log").read_text(), "train", "loss"))
+
+
+@pytest.mark.slow  # two spawned workers: about 20 s on an idle machine, a minute on a busy one
+def test_two_processes_on_cpu(tmp_path, start):
+    """ngpus=2 (gloo): each process samples half of the prompts; the iteration's examples and samples/ hold both."""
+    run_dir = tmp_path / "ddp"
+    cfg = rl_config(
+        run_dir, start, "ngpus=2", "rl.method.threshold=null", "training.n_iters=1", "rl.eval_prompts=2"
+    )
+    run_rl.validate_config(cfg)
+    recipe.launch(cfg, run_rl.run_rl)
+    state, _ = load_checkpoint(run_dir)
+    assert state["step"] == 1
+    log = (run_dir / "train.log").read_text()
+    assert "2 process(es) on cpu" in log and len(logged(log, "eval", "reward_mean")) == 2
+    rows = [json.loads(line) for line in (run_dir / "samples" / "iter_1.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and len({r["prompt"] for r in rows}) == 4  # 4 prompts x k=4, gathered from both

@@ -49,6 +49,7 @@ class RewardFn(Protocol):
 
 
 _ANSWER_MARKERS = ("####", "\\boxed", "\\fbox", "Attempt:")
+_STRICT_MARKERS = ("####", "\\boxed", "\\fbox")
 
 
 def reference_answer(reference: Any) -> str | None:
@@ -95,17 +96,27 @@ def answers_match(prediction: str | None, reference: str | None) -> bool:
 
 
 def exact_match(
-    prompts: Sequence[str], completions: Sequence[str], *, reference_field: str = "answer", **fields: Any
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    reference_field: str = "answer",
+    strict: bool = False,
+    **fields: Any,
 ) -> list[float]:
     """1.0 when the completion's final answer equals the reference's, else 0.0 (no answer: 0.0).
 
     Answers are extracted with `answers.extract_answer` (`#### N`, then `\\boxed{}` / the `Attempt:` section,
     then the last number) and compared as normalised strings or exact numbers (`1,000.0` == `1000`, `0.5`
-    == `1/2`). No LaTeX parsing: see `math_verify_match` for that.
+    == `1/2`). No LaTeX parsing: see `math_verify_match` for that. `strict`: only an answer stated with a
+    marker (`#### N`, `\\boxed{}`) counts, not the last-number fallback, so that RL does not reward (and
+    train on) a jumble of numbers whose last one happens to be right.
     """
     references = _references(fields, reference_field, len(completions), "exact_match")
     return [
-        float(answers_match(extract_answer(c), reference_answer(r)))
+        float(
+            (not strict or any(m in c for m in _STRICT_MARKERS))
+            and answers_match(extract_answer(c), reference_answer(r))
+        )
         for c, r in zip(completions, references, strict=True)
     ]
 

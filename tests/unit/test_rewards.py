@@ -47,6 +47,18 @@ def test_exact_match_table(completion, reference, expected):
     assert exact_match(["q"], [completion], answer=[reference]) == [expected]
 
 
+def test_strict_exact_match_needs_a_marked_answer():
+    completions = ["12 + 75 = 87", "+ 3 9 = 87", "so #### 87", "\\boxed{87}", "#### 86"]
+    assert exact_match(["q"] * 5, completions, answer=["#### 87"] * 5) == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert exact_match(["q"] * 5, completions, strict=True, answer=["#### 87"] * 5) == [
+        0.0,
+        0.0,
+        1.0,
+        1.0,
+        0.0,
+    ]
+
+
 def test_exact_match_reads_the_configured_reference_field():
     rewards = exact_match(["q", "q"], ["#### 3", "#### 4"], reference_field="solution", solution=["3", "3"])
     assert rewards == [1.0, 0.0]

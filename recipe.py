@@ -5,6 +5,7 @@ checkpoints and the hub-format export.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -172,7 +173,7 @@ def _distributed_worker(cfg_dict: dict, worker: Callable[[DictConfig], Any]) -> 
 
 def _run_distributed(info, cfg: DictConfig, worker: Callable[[DictConfig], Any]) -> None:
     if cfg.device == "cpu":
-        info = type(info)(info.rank, info.local_rank, info.world_size, torch.device("cpu"))
+        info = dataclasses.replace(info, device=torch.device("cpu"))  # keeps the launcher's address and port
     utils.init_distributed(info)
     try:
         worker(cfg)

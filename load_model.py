@@ -39,7 +39,9 @@ def ema_weights(model: torch.nn.Module, state: Mapping[str, Any]) -> dict[str, t
     names = state.get("ema_param_names") or [n for n, _ in model.named_parameters()]
     shadow = ema["shadow_params"]
     if len(names) != len(shadow):
-        raise ValueError(f"EMA state has {len(shadow)} tensors but {len(names)} parameter names were expected.")
+        raise ValueError(
+            f"EMA state has {len(shadow)} tensors but {len(names)} parameter names were expected."
+        )
     weights.update(zip(names, shadow, strict=True))
     return weights
 
@@ -50,7 +52,9 @@ def model_from_checkpoint(state: Mapping[str, Any], run_dir: Path, use_ema: bool
     if config is None:
         config_file = run_dir / RUN_CONFIG_FILE
         if not config_file.is_file():
-            raise ModelNotFoundError(f"{run_dir} has checkpoints but neither a model_config in them nor {config_file}.")
+            raise ModelNotFoundError(
+                f"{run_dir} has checkpoints but neither a model_config in them nor {config_file}."
+            )
         config = OmegaConf.load(config_file)
     model = SEDD(config)
     model.load_weights(state["model"])
@@ -71,7 +75,9 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu", use_
     return model_from_checkpoint(state, run_dir, use_ema).to(device)
 
 
-def load_pretrained(path_or_hub_id: str | Path, device: torch.device | str = "cpu", **hub_kwargs: Any) -> SEDD:
+def load_pretrained(
+    path_or_hub_id: str | Path, device: torch.device | str = "cpu", **hub_kwargs: Any
+) -> SEDD:
     """A SEDD from a run directory, a hub-format directory or a hub id (told apart automatically)."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir() and not is_hub_directory(path) and is_run_directory(path):

@@ -43,7 +43,9 @@ def sample_t(batch_size: int, device: torch.device, eps: float = 1e-3, generator
     return (1 - eps) * torch.rand(batch_size, device=device, generator=generator) + eps
 
 
-def perturb(graph: Graph, x0: torch.Tensor, sigma: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+def perturb(
+    graph: Graph, x0: torch.Tensor, sigma: torch.Tensor, loss_mask: torch.Tensor | None
+) -> torch.Tensor:
     """x_t ~ exp(sigma Q) x0 on the loss mask; other positions stay clean. x0 [B, L], sigma [B]."""
     xt = graph.sample_transition(x0, sigma[:, None])
     return xt if loss_mask is None else torch.where(loss_mask.bool(), xt, x0)

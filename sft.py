@@ -54,7 +54,9 @@ def validate_config(cfg: DictConfig) -> None:
     if (sft.thinking_field is None) != (sft.attempt_field is None):
         raise ValueError("sft.thinking_field and sft.attempt_field go together; set both or neither.")
     if sft.thinking_field is not None and sft.question_field is None:
-        raise ValueError("sft.thinking_field/attempt_field need sft.question_field (e.g. sft.question_field=question).")
+        raise ValueError(
+            "sft.thinking_field/attempt_field need sft.question_field (e.g. sft.question_field=question)."
+        )
     if cfg.ngpus < 1:
         raise ValueError(f"ngpus={cfg.ngpus} must be at least 1.")
     info = utils.detect_launch()
@@ -144,7 +146,13 @@ def run_sft(cfg: DictConfig) -> str:
     logger = utils.get_logger("sft", run_dir / "train.log")
     recipe.save_run_config(cfg, run_dir)
     rank, world = utils.get_rank(), utils.get_world_size()
-    device = utils.resolve_device("cpu" if cfg.device == "cpu" else (f"cuda:{torch.cuda.current_device()}" if world > 1 and torch.cuda.is_available() else cfg.device))
+    device = utils.resolve_device(
+        "cpu"
+        if cfg.device == "cpu"
+        else (
+            f"cuda:{torch.cuda.current_device()}" if world > 1 and torch.cuda.is_available() else cfg.device
+        )
+    )
     precision = resolve_precision(cfg.training.precision, device)
     utils.set_seed(cfg.seed, rank)
     logger.info(f"Run directory: {run_dir} | {world} process(es) on {device} | precision {precision}")
@@ -162,11 +170,20 @@ def run_sft(cfg: DictConfig) -> str:
     if cfg.sft.freeze_embeddings:
         model.vocab_embed.embedding.requires_grad_(False)
     model.to(device).train()
-    logger.info(f"Model: {utils.count_parameters(model) / 1e6:.1f}M parameters ({utils.count_parameters(model, True) / 1e6:.1f}M trainable)")
+    logger.info(
+        f"Model: {utils.count_parameters(model) / 1e6:.1f}M parameters ({utils.count_parameters(model, True) / 1e6:.1f}M trainable)"
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
     optimizer = build_optimizer(
-        params, optim.optimizer, optim.lr, optim.beta1, optim.beta2, optim.eps, optim.weight_decay, optim.fused
+        params,
+        optim.optimizer,
+        optim.lr,
+        optim.beta1,
+        optim.beta2,
+        optim.eps,
+        optim.weight_decay,
+        optim.fused,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(optim.warmup, cfg.training.n_iters, optim.schedule, optim.min_lr_ratio)
@@ -213,7 +230,13 @@ def run_sft(cfg: DictConfig) -> str:
         ]
         assert all(len(mb["input_ids"]) == micro for mb in micro_batches)
         return train_step(
-            st, forward_model, micro_batches, loss_fn, precision=precision, device=device, grad_clip=optim.grad_clip
+            st,
+            forward_model,
+            micro_batches,
+            loss_fn,
+            precision=precision,
+            device=device,
+            grad_clip=optim.grad_clip,
         )
 
     n_eval = min(len(valid), cfg.training.eval_examples)
@@ -225,7 +248,9 @@ def run_sft(cfg: DictConfig) -> str:
             yield part, sft_batch(valid, part, pad_id, pad_to, device, cfg.seed + 1, 0)
 
     def eval_fn(st: TrainState) -> dict[str, float]:
-        loss = evaluate_loss(st, eval_batches(), lambda m, b, _: loss_fn(m, b), precision=precision, device=device)
+        loss = evaluate_loss(
+            st, eval_batches(), lambda m, b, _: loss_fn(m, b), precision=precision, device=device
+        )
         if utils.is_main_process() and cfg.sampling.n_prompts > 0:
             write_samples(st, valid, tokenizer, graph, noise, cfg, run_dir, device, precision)
         utils.barrier()
@@ -257,7 +282,9 @@ def run_sft(cfg: DictConfig) -> str:
     finally:
         metrics.close()
     if outcome == "done":
-        logger.info(f"Done: {state.step} steps. Fine-tuned model (EMA weights): {run_dir / recipe.EXPORT_DIR}")
+        logger.info(
+            f"Done: {state.step} steps. Fine-tuned model (EMA weights): {run_dir / recipe.EXPORT_DIR}"
+        )
     return outcome
 
 

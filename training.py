@@ -30,7 +30,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"training.precision={precision!r} is not valid; choose auto, {', '.join(PRECISIONS)}.")
+        raise ValueError(
+            f"training.precision={precision!r} is not valid; choose auto, {', '.join(PRECISIONS)}."
+        )
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("training.precision=fp16 needs CUDA; use bf16 or fp32 on CPU.")
     return precision
@@ -46,7 +48,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 # ----------------------------------------------------------------------------- model wrapping
 def prepare_model(
-    model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False, distributed: bool = False
+    model: nn.Module,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    distributed: bool = False,
 ) -> nn.Module:
     """The module the training step calls (`forward_model`); `model` itself stays the bare module.
 
@@ -193,7 +199,9 @@ class NoiseDraws:
     u_token: torch.Tensor
 
 
-def example_noise(indices: Sequence[int], length: int, seed: int, step: int, device: torch.device) -> NoiseDraws:
+def example_noise(
+    indices: Sequence[int], length: int, seed: int, step: int, device: torch.device
+) -> NoiseDraws:
     """Per-example draws seeded by (seed, step, dataset index): the same example gets the same t and x_t at
     a step whatever the batch layout, number of processes, accumulation split or padding. This makes
     1 x 4 accumulation equal 4 x 1, and 2-process DDP equal 1 process, exactly."""
@@ -270,14 +278,22 @@ def train_step(
     batch is split. `forward_model` is the DDP wrapper when distributed, else `state.model`.
     """
     world = utils.get_world_size()
-    n_local = sum(int(mb["loss_mask"].bool().logical_and(mb["attention_mask"].bool()).sum()) for mb in micro_batches)
+    n_local = sum(
+        int(mb["loss_mask"].bool().logical_and(mb["attention_mask"].bool()).sum()) for mb in micro_batches
+    )
     n_global = int(round(float(utils.all_reduce_mean(torch.tensor(float(n_local), device=device))) * world))
     if n_global == 0:
-        raise ValueError("A training batch has no scored (response) tokens; check the dataset's response fields.")
+        raise ValueError(
+            "A training batch has no scored (response) tokens; check the dataset's response fields."
+        )
     loss_sum = torch.zeros((), device=device)
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not isinstance(forward_model, DistributedDataParallel) else forward_model.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if last or not isinstance(forward_model, DistributedDataParallel)
+            else forward_model.no_sync()
+        )
         with sync:
             with autocast(precision, device):
                 terms = loss_fn(forward_model, mb)

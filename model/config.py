@@ -35,7 +35,9 @@ class SEDDConfig:
                 f"model.hidden_size={self.hidden_size} must be divisible by model.n_heads={self.n_heads}."
             )
         if self.scale_by_sigma and not self.absorb:
-            raise ValueError("model.scale_by_sigma=True needs graph.type=absorb; set model.scale_by_sigma=False.")
+            raise ValueError(
+                "model.scale_by_sigma=True needs graph.type=absorb; set model.scale_by_sigma=False."
+            )
 
 
 def to_container(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
@@ -80,6 +82,8 @@ def to_run_config(config: SEDDConfig, noise: Mapping[str, Any] | None = None) ->
     return {
         "tokens": config.tokens,
         "graph": {"type": "absorb" if config.absorb else "uniform"},
-        "noise": dict(noise) if noise is not None else {"type": "loglinear", "sigma_min": 1e-4, "sigma_max": 20},
+        "noise": dict(noise)
+        if noise is not None
+        else {"type": "loglinear", "sigma_min": 1e-4, "sigma_max": 20},
         "model": {"name": "custom", "type": "ddit", **model},
     }

@@ -122,7 +122,9 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict_file(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Read `model.safetensors` or `pytorch_model.bin` (tensors only, `weights_only=True`)."""
     path = Path(path)
     if path.suffix == ".safetensors":

@@ -50,7 +50,9 @@ def test_tiny_sft_overfits_and_sampling_reproduces_answers(tmp_path):
 
     model, graph, noise = load_model(tmp_path / "run" / "hf_model")
     tokenizer = get_tokenizer()
-    prompts = [tokenizer.encode(cfg.sft.prompt_template.replace("{question}", r["question"])) for r in QA_PAIRS]
+    prompts = [
+        tokenizer.encode(cfg.sft.prompt_template.replace("{question}", r["question"])) for r in QA_PAIRS
+    ]
     answers = complete(
         model, graph, noise, tokenizer, prompts, max_new_tokens=24, max_length=24, steps=24, seed=0
     )
@@ -78,7 +80,12 @@ def test_ngpus_2_on_cpu_matches_one_process(tmp_path):
 def sft_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, str(REPO / "sft.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(REPO / "sft.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -250,7 +250,9 @@ def test_fused_absorbing_entropy_equals_plain_formula_with_gradients(dtype, scal
     fused = absorbing_entropy_from_logits(logits, x0, sigma, scale_by_sigma)
     (fused_grad,) = torch.autograd.grad((weights * fused).sum(), logits)
 
-    shift = torch.log(torch.expm1(sigma)) + math.log(graph.dim - 1) if scale_by_sigma else torch.zeros_like(sigma)
+    shift = (
+        torch.log(torch.expm1(sigma)) + math.log(graph.dim - 1) if scale_by_sigma else torch.zeros_like(sigma)
+    )
     log_score = (logits - shift[:, None]).scatter(-1, torch.full((n, 1), graph.mask_index), 0.0)
     xt = torch.full((n,), graph.mask_index)
     plain = graph.score_entropy(log_score, sigma, xt, x0)

@@ -57,7 +57,13 @@ def run_step(state, groups, **kwargs):
         return batch_loss(model, mb, graph, noise, mb["draws"])
 
     return train_step(
-        state, state.model, micro_batches(groups, **kwargs), loss_fn, precision="fp32", device=torch.device("cpu"), grad_clip=0
+        state,
+        state.model,
+        micro_batches(groups, **kwargs),
+        loss_fn,
+        precision="fp32",
+        device=torch.device("cpu"),
+        grad_clip=0,
     )
 
 

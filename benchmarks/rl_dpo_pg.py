@@ -38,7 +38,14 @@ GENERATION_EVAL = ["rl.eval_prompts=200"]  # every test prompt, one sample each,
 RUNS = {
     # correctness plus a 0.1 format bonus (configs/reward/weighted.yaml): a start that is rarely right still
     # gets a signal; two PPO passes over each batch of rollouts
-    "pg": ["rl/method=pg", "reward=weighted", "optim.lr=1e-3", "rl.epochs=2", "training.eval_freq=40"],
+    "pg": [
+        "rl/method=pg",
+        "reward=weighted",
+        "optim.lr=1e-3",
+        "rl.epochs=2",
+        "training.n_iters=20",
+        "training.eval_freq=20",
+    ],
     # best and worst of each prompt's 8 samples; each batch of pairs is used for 4 updates of 8 pairs
     "dpo_online": [
         "rl/method=dpo",
@@ -56,6 +63,8 @@ RUNS = {
         "rl.method.offline.eval_pairs=200",
         "rl.eval_prompts=0",  # held-out pairs only: training reads no samples
         "optim.lr=5e-4",
+        "training.n_iters=20",
+        "training.eval_freq=10",
     ],
 }
 
@@ -195,9 +204,8 @@ def main() -> None:
             if "heldout_pref_accuracy_start" in r
             else ""
         )
-        print(
-            f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['updates']} | {r['accuracy_start']} -> {r['accuracy_end']} | {pref} |"
-        )
+        accuracy = "" if r["accuracy_start"] is None else f"{r['accuracy_start']} -> {r['accuracy_end']}"
+        print(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['updates']} | {accuracy} | {pref} |")
 
 
 if __name__ == "__main__":

@@ -203,15 +203,18 @@ class DPO(LikelihoodMethod):
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], scorer: Scorer
     ) -> tuple[LossTerms, dict[str, float]]:
-        """The DPO loss of a collated batch of pairs (per pair, weighted by its scored tokens) and its
-        metrics."""
-        logp = scorer.log_prob(model, batch)
+        """The DPO loss of a collated batch of pairs (per pair, weighted by its scored tokens) plus `mass_coef`
+        times both completions' score-mass terms (elbo_normalized), and its metrics."""
+        logp, mass = scorer.log_prob_and_mass(model, batch)
         chosen, rejected = logp.float().chunk(2)
         ref_chosen, ref_rejected = batch["ref_logp"].chunk(2)
         loss, reward_chosen, reward_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
         n_tokens = scored_mask(batch).sum(dim=1)
         n_pair = n_tokens.view(2, -1).sum(dim=0)
-        return sequence_terms(loss * n_pair, n_pair), preference_metrics(loss, reward_chosen, reward_rejected)
+        per_pair = loss * n_pair + self.mass_coef * mass.view(2, -1).sum(dim=0)
+        metrics = preference_metrics(loss, reward_chosen, reward_rejected)
+        metrics["score_mass"] = float(mass.detach().sum() / n_tokens.sum().clamp(min=1))
+        return sequence_terms(per_pair, n_pair), metrics
 
     @torch.no_grad()
     def evaluate(self, policy: nn.Module, pairs: list[dict[str, Any]], scorer: Scorer) -> dict[str, float]:

@@ -28,6 +28,9 @@ score's total mass (1 for the exact score) and w = dsigma / (e^sigma - 1) (= 1 /
     negative advantages in policy gradient) the ELBO of every completion can fall without the samples getting
     any better.
   * variance: as the ELBO's (same draws, common random numbers).
+  The mass term is still needed: the sampler moves tokens out of the mask at a rate set by the score's mass,
+  so dpo and pg add it to every sequence's loss (`mass_coef`, as in SFT: it is minimal at the exact mass
+  whatever the tokens), which keeps the score calibrated while the normalised part carries the preference.
 
 One-step mean-field (`mean_field_log_prob`, diffu-GRPO, Zhao et al., 2025): mask every completion position
 (t = 1; optionally also each prompt token with probability `mask_prompt`, as diffu-GRPO does) and sum the
@@ -45,6 +48,7 @@ each masked position (on the absorbing graph the score of y is p_0(y | x_t) up t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -92,11 +96,13 @@ def denoiser_log_probs(
     sigma: torch.Tensor,
     attention_mask,
     rows: torch.Tensor,
-) -> torch.Tensor:
-    """log p_theta(x0 | x_t) [N] at the `rows` [B, L] positions (row-major): the log-softmax of the model's
-    scores over the vocabulary, the mask state excluded (absorbing graph)."""
-    logits = model(xt, sigma, attention_mask, output_mask=rows, raw=True)  # [N, dim]
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(1, x0[rows][:, None]).squeeze(1)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p_theta(x0 | x_t) [N] at the `rows` [B, L] positions (row-major), the log-softmax of the model's
+    scores over the vocabulary, the mask state excluded (absorbing graph); and the log-sum-exp [N] of those
+    raw logits (the log of the score's total mass, up to the row's constant)."""
+    logits = model(xt, sigma, attention_mask, output_mask=rows, raw=True)[:, :-1].float()  # [N, dim - 1]
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(1, x0[rows][:, None]).squeeze(1) - lse, lse
 
 
 def sum_at(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -129,9 +135,11 @@ def normalized_elbo_log_prob(
     draws: NoiseDraws,
     n_mc: int,
     sampling_eps: float = 1e-3,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised-ELBO estimate of log p(y | x) [B] (see the module docstring): sum over the masked completion
-    positions of w(t) log softmax(s_theta(x_t))[x0], averaged over the `n_mc` draws (the ELBO's (t, x_t))."""
+    positions of w(t) log softmax(s_theta(x_t))[x0], averaged over the `n_mc` draws (the ELBO's (t, x_t));
+    and the score-mass term [B], the average of sum w(t) (m - log m - 1) >= 0 over the same draws, so that
+    `elbo_log_prob` = l_norm - mass on the same draws."""
     if not graph.absorb:
         raise ValueError(
             "rl.method.estimator=elbo_normalized needs an absorbing-graph model; use estimator=elbo."
@@ -142,9 +150,16 @@ def normalized_elbo_log_prob(
     t, xt = perturb_from_draws(graph, noise, x0, scored_mask(repeated), draws, sampling_eps)
     sigma, dsigma = noise(t)
     rows = scored_mask(repeated) & (xt == graph.dim - 1)
-    log_p = denoiser_log_probs(model, x0, xt, sigma, repeated["attention_mask"], rows)
-    weight = (dsigma / torch.expm1(sigma))[rows.nonzero(as_tuple=True)[0]]
-    return sum_at(rows, weight.float() * log_p).view(n_mc, n).mean(dim=0)
+    log_p, lse = denoiser_log_probs(model, x0, xt, sigma, repeated["attention_mask"], rows)
+    at = rows.nonzero(as_tuple=True)[0]
+    log_esigm1 = torch.expm1(sigma.float()).log()[at]
+    scale_by_sigma = getattr(model, "module", model).scale_by_sigma
+    # log m = log((e^sigma - 1) sum_y s_y), log s_y = logit_y - shift (as in losses.absorbing_entropy_from_logits)
+    log_m = lse - math.log(graph.dim - 1) if scale_by_sigma else lse + log_esigm1
+    weight = dsigma.float()[at] / log_esigm1.exp()
+    l_norm = sum_at(rows, weight * log_p).view(n_mc, n).mean(dim=0)
+    mass = sum_at(rows, weight * (torch.expm1(log_m) - log_m)).view(n_mc, n).mean(dim=0)
+    return l_norm, mass
 
 
 def mean_field_log_prob(
@@ -173,7 +188,7 @@ def mean_field_log_prob(
         masked = scored | (prompt & (draws.u_move[: x0.shape[0]] < mask_prompt))
     xt = torch.where(masked, torch.full_like(x0, graph.dim - 1), x0)
     sigma, _ = noise(torch.ones(x0.shape[0], device=x0.device))
-    return sum_at(scored, denoiser_log_probs(model, x0, xt, sigma, batch["attention_mask"], scored))
+    return sum_at(scored, denoiser_log_probs(model, x0, xt, sigma, batch["attention_mask"], scored)[0])
 
 
 def sequence_terms(per_sequence: torch.Tensor, n_scored: torch.Tensor) -> LossTerms:
@@ -210,14 +225,27 @@ class Scorer:
 
     def log_prob(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(y | x) estimates [B] of a collated batch with `ids` [B] (same ids: same noise)."""
+        return self.log_prob_and_mass(model, batch)[0]
+
+    def log_prob_and_mass(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`log_prob` [B] and the score-mass term [B] of `elbo_normalized` (zeros for the other estimators):
+        the part of minus the ELBO that only calibrates the score's total mass, whatever the tokens."""
         ids = batch["ids"].tolist()
         length = batch["input_ids"].shape[1]
-        if self.estimator in ("elbo", "elbo_normalized"):
-            draws = mc_draws(ids, length, self.seed, self.n_mc, batch["input_ids"].device)
-            estimate = elbo_log_prob if self.estimator == "elbo" else normalized_elbo_log_prob
-            return estimate(model, self.graph, self.noise, batch, draws, self.n_mc, self.sampling_eps)
-        draws = mc_draws(ids, length, self.seed, 1, batch["input_ids"].device) if self.mask_prompt else None
-        return mean_field_log_prob(model, self.graph, self.noise, batch, draws, self.mask_prompt)
+        device = batch["input_ids"].device
+        if self.estimator == "mean_field":
+            draws = mc_draws(ids, length, self.seed, 1, device) if self.mask_prompt else None
+            log_p = mean_field_log_prob(model, self.graph, self.noise, batch, draws, self.mask_prompt)
+            return log_p, torch.zeros_like(log_p)
+        draws = mc_draws(ids, length, self.seed, self.n_mc, device)
+        if self.estimator == "elbo":
+            log_p = elbo_log_prob(model, self.graph, self.noise, batch, draws, self.n_mc, self.sampling_eps)
+            return log_p, torch.zeros_like(log_p)
+        return normalized_elbo_log_prob(
+            model, self.graph, self.noise, batch, draws, self.n_mc, self.sampling_eps
+        )
 
     def collate(self, examples: Sequence[dict[str, Any]], ids: Sequence[int]) -> dict[str, torch.Tensor]:
         """SFT examples (`rl.buffer.make_example`) as a batch on the device, with their noise `ids`."""
@@ -243,11 +271,12 @@ class Scorer:
 class LikelihoodMethod:
     """The estimator options shared by the likelihood-ratio methods (dpo, pg): `estimator` (elbo |
     elbo_normalized | mean_field), `n_mc` draws of the ELBOs, `mask_prompt` (mean_field: share of prompt
-    tokens masked)."""
+    tokens masked), `mass_coef` (elbo_normalized: weight of the score-mass term in every sequence's loss)."""
 
     estimator: str = "elbo_normalized"
     n_mc: int = 4
     mask_prompt: float = 0.0
+    mass_coef: float = 1.0
 
     needs_reference: ClassVar[bool] = True  # run_rl.py keeps a frozen copy of the starting model
 
@@ -260,6 +289,8 @@ class LikelihoodMethod:
             raise ValueError(f"rl.method.n_mc={self.n_mc} must be at least 1 (draws of t per ELBO estimate).")
         if not 0 <= self.mask_prompt < 1:
             raise ValueError(f"rl.method.mask_prompt={self.mask_prompt} must be in [0, 1).")
+        if self.mass_coef < 0:
+            raise ValueError(f"rl.method.mass_coef={self.mass_coef} must be >= 0 (1: as in SFT).")
 
     def scorer(self, graph: Graph, noise: Noise, reference: nn.Module, **layout: Any) -> Scorer:
         """The run's `Scorer` with this method's estimator; `layout`: seed, sampling_eps, eos_id, pad_to,

@@ -163,8 +163,10 @@ class PolicyGradient(LikelihoodMethod):
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], scorer: Scorer
     ) -> tuple[LossTerms, dict[str, float]]:
-        """`grpo_loss` of a collated batch, each sequence weighted by its scored tokens, and its metrics."""
-        logp = scorer.log_prob(model, batch).float()
+        """`grpo_loss` of a collated batch, each sequence weighted by its scored tokens, plus `mass_coef` times
+        its score-mass term (elbo_normalized), and its metrics."""
+        logp, mass = scorer.log_prob_and_mass(model, batch)
+        logp = logp.float()
         n_tokens = scored_mask(batch).sum(dim=1)
         loss, parts = grpo_loss(
             logp,
@@ -181,5 +183,6 @@ class PolicyGradient(LikelihoodMethod):
             "ratio_max_dev": float((parts["ratio"] - 1).abs().max()),
             "clip_frac": float(parts["clipped"].float().mean()),
             "kl_ref": float(parts["kl"].mean()),
+            "score_mass": float(mass.detach().sum() / n_tokens.sum().clamp(min=1)),
         }
-        return sequence_terms(loss * n_tokens, n_tokens), metrics
+        return sequence_terms(loss * n_tokens + self.mass_coef * mass, n_tokens), metrics

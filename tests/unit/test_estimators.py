@@ -68,17 +68,21 @@ class ExactMass(torch.nn.Module):
 
 
 def test_the_normalised_elbo_drops_the_score_mass_term(tiny_model):
-    """l_norm >= l on the same draws, with equality for a model whose score mass is exact."""
+    """l_norm - mass = l on the same draws (so l_norm >= l), and mass = 0 for a model whose score mass is
+    exact."""
     graph, noise = graph_lib.get_graph(tiny_model.config), noise_lib.get_noise(tiny_model.config)
     batch, n_mc = padded_batch(), 4
     draws = mc_draws([1, 2, 3], batch["input_ids"].shape[1], 0, n_mc, "cpu")
     with torch.no_grad():
         plain = elbo_log_prob(tiny_model, graph, noise, batch, draws, n_mc)
-        normalized = normalized_elbo_log_prob(tiny_model, graph, noise, batch, draws, n_mc)
+        normalized, mass = normalized_elbo_log_prob(tiny_model, graph, noise, batch, draws, n_mc)
         assert bool((normalized > plain + 1e-3).all()) and bool((normalized <= 0).all())
+        torch.testing.assert_close(normalized - mass, plain)  # minus the ELBO = normalised part + mass term
         exact = ExactMass(tiny_model)
         e_plain = elbo_log_prob(exact, graph, noise, batch, draws, n_mc)
-        torch.testing.assert_close(normalized_elbo_log_prob(exact, graph, noise, batch, draws, n_mc), e_plain)
+        e_normalized, e_mass = normalized_elbo_log_prob(exact, graph, noise, batch, draws, n_mc)
+        torch.testing.assert_close(e_normalized, e_plain)
+        assert float(e_mass.abs().max()) < 1e-4
         torch.testing.assert_close(e_plain, normalized)  # the normalised ELBO only sees the softmax
 
 
@@ -150,7 +154,7 @@ def test_estimators_on_a_distribution_known_exactly():
     with torch.no_grad():
         draws = mc_draws(range(4), 3, 0, n_mc, "cpu")
         elbo = elbo_log_prob(toy_model, graph, noise, batch, draws, n_mc)
-        normalized = normalized_elbo_log_prob(toy_model, graph, noise, batch, draws, n_mc)
+        normalized = normalized_elbo_log_prob(toy_model, graph, noise, batch, draws, n_mc)[0]
         mean_field = mean_field_log_prob(toy_model, graph, noise, batch)
     # the ELBO bounds the model's log-likelihood, so its expectation under the data is a cross-entropy: at least
     # the entropy H(p) (up to the Monte-Carlo error), and near it for a model fitted to p

@@ -84,8 +84,15 @@ def toy_batch(completions: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
 
 
 def toy_scorer(reference: SEDD, **options) -> Scorer:
+    """A `Scorer` on the toy layout (plain ELBO unless `estimator` is given)."""
     graph, noise = toy_parts(reference)
     return Scorer(graph, noise, reference, **{"eos_id": PAD, "pad_to": None, **options})
+
+
+def method_scorer(method, reference: SEDD) -> Scorer:
+    """The `Scorer` that run_rl.py builds for `method` (its estimator options), on the toy layout."""
+    graph, noise = toy_parts(reference)
+    return method.scorer(graph, noise, reference, eos_id=PAD, pad_to=None)
 
 
 @torch.no_grad()

@@ -52,26 +52,31 @@ def perturb(
 
 
 class _AbsorbingEntropyFromLogits(torch.autograd.Function):
-    """Forward and hand-written backward of `absorbing_entropy_from_logits` (one [N, dim] buffer, reused)."""
+    """Forward and hand-written backward of `absorbing_entropy_from_logits`: one [N, dim] buffer, which holds
+    the scores in the forward pass and becomes the gradient in the backward pass (so backward runs once)."""
 
     @staticmethod
     def forward(ctx, logits, x0, shift, log_esigm1):
         dtype = shift.dtype  # float32, or float64 for float64 logits
-        scores = torch.sub(logits[:, :-1].to(dtype), shift[:, None]).exp_()  # s_y, y real, [N, dim - 1]
+        scores = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        torch.sub(logits, shift[:, None], out=scores).exp_()  # s_y, [N, dim]
+        scores[:, -1] = 0.0  # the mask state does not enter
+        scores.scatter_(1, x0[:, None], 0.0)  # nor does x0 (its term is below)
         u = logits.gather(1, x0[:, None]).squeeze(1).to(dtype) - shift + log_esigm1
-        scores.scatter_(1, x0[:, None], 0.0)
         ratio = (-log_esigm1).exp()  # true ratio 1 / esigm1 at x0
         entropy = scores.sum(dim=1) + ratio * (torch.expm1(u) - u)
         ctx.save_for_backward(scores, x0, u, ratio)
         ctx.logits_dtype = logits.dtype
+        ctx.used = False
         return entropy
 
     @staticmethod
     def backward(ctx, grad_entropy):
+        if ctx.used:
+            raise RuntimeError("the absorbing loss supports one backward pass (no retain_graph)")
+        ctx.used = True
         scores, x0, u, ratio = ctx.saved_tensors
-        grad = scores.new_empty(scores.shape[0], scores.shape[1] + 1)
-        torch.mul(scores, grad_entropy[:, None], out=grad[:, :-1])  # d s_y / d logit_y = s_y
-        grad[:, -1] = 0.0  # the mask state's logit does not enter
+        grad = scores.mul_(grad_entropy[:, None])  # d s_y / d logit_y = s_y; 0 for the mask state
         grad.scatter_(1, x0[:, None], (grad_entropy * ratio * torch.expm1(u))[:, None])
         return grad.to(ctx.logits_dtype), None, None, None
 

@@ -3,7 +3,7 @@ denoising (RWD), and with reward-guided sampling (SVDD, best-of-N) of the start,
 the same seed and sampler steps.
 
     python sft.py experiment=demo hydra.run.dir=exp_local/demo/sft     # the start (`make demo`)
-    python benchmarks/rl_demo.py                                        # everything (about 40 min on 2 busy cores)
+    python benchmarks/rl_demo.py --threads 1                            # everything (72 min on 2 shared cores)
     python benchmarks/rl_demo.py --methods sft svdd --prompts 50        # a part of it
 
 Every number comes from the real entrypoints, whose exact commands the script prints and records: `run_rl.py

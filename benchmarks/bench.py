@@ -246,6 +246,8 @@ def measure(job: dict) -> dict:
         flops = (args.sample_steps + 1) * flops_per_token(config, args.length) * tokens
         extra = {"sample_steps": args.sample_steps}
     seconds = statistics.median(times)
+    if args.profile:
+        write_profile(work if args.task == "train" else lambda: work(args.sample_steps), job, device)
     return {
         **job,
         **extra,
@@ -257,6 +259,21 @@ def measure(job: dict) -> dict:
         "peak_bytes": memory.peak(),
         "baseline_bytes": memory.baseline,
     }
+
+
+def write_profile(run: Callable[[], Any], job: dict, device: torch.device) -> None:
+    """Profile two more calls of `run` and write the 40 ops with the most self time (device time on CUDA) to
+    `<profile dir>/profile_<impl>_<task>_<model>_<device>_<precision>.txt`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        _timed(run, 2, device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    name = "_".join(str(job[k]) for k in ("impl", "task", "model", "device", "precision"))
+    path = Path(job["profile"]) / f"profile_{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60))
 
 
 def matmul_peak(job: dict) -> dict:
@@ -380,6 +397,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "tensors with transparent huge pages, so fresh per-step allocations cost far fewer page faults",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="also profile two steps of every measurement (torch.profiler) and write the top ops to this folder",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -393,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(matmul_peak(job) if job.get("kind") == "peak" else measure(job)))
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    names = "batch length steps warmup sample_steps sample_repeats threads checkpointing compile thp".split()
+    names = "batch length steps warmup sample_steps sample_repeats threads checkpointing compile thp profile".split()
     common = {k: getattr(args, k) for k in names}
     load_start = os.getloadavg()
     peak_job = {"kind": "peak", "thp": args.thp, "threads": args.threads}

@@ -1,8 +1,9 @@
-"""Bidirectional multi-head attention: flash-attn's varlen kernel on CUDA when installed, torch SDPA otherwise.
+"""Bidirectional multi-head attention: a varlen flash kernel on CUDA (the flash-attn package when installed, else
+torch's own `torch.nn.attention.varlen.varlen_attn`, torch >= 2.10), torch SDPA otherwise.
 
 Padded batches are packed once per forward pass (`Packing`): the network then runs on the T real tokens only,
 so its cost follows real tokens, not B x max_length. `packed_attention` attends within each sequence of the
-packed rows: with flash-attn directly on them (varlen, `cu_seqlens`), with SDPA by laying them back out as
+packed rows: with a varlen kernel directly on them (varlen, `cu_seqlens`), with SDPA by laying them back out as
 [B, L] behind a key mask. `attention` takes a padded batch with an optional `attention_mask` [B, L]
 (1 = real token, 0 = padding): padded keys are never attended to, so outputs at real positions do not depend
 on padding; outputs at padded positions are unspecified (zero on the flash path) and must be ignored.
@@ -11,17 +12,38 @@ on padding; outputs at padded positions are unspecified (zero on the flash path)
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+try:
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:  # torch < 2.10
+    torch_varlen_attn = None
 
 
-def use_flash_attn(qkv: torch.Tensor) -> bool:
-    """Flash-attn applies to CUDA half/bf16 tensors when the package is installed."""
-    return HAS_FLASH_ATTN and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
+def _flash_attn_varlen(qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_qkvpacked_func
+
+    return flash_attn_varlen_qkvpacked_func(qkv, packing.cu_seqlens, packing.max_len, 0.0, causal=False)
+
+
+def _torch_varlen(qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
+    q, k, v = qkv.unbind(1)
+    cu, max_len = packing.cu_seqlens, packing.max_len
+    return torch_varlen_attn(q, k, v, cu, cu, max_len, max_len)  # non-causal by default
+
+
+def varlen_kernel(qkv: torch.Tensor) -> Callable[[torch.Tensor, Packing], torch.Tensor] | None:
+    """The varlen kernel for packed CUDA half/bf16 `qkv` [T, 3, H, D] -> [T, H, D], or None (then SDPA)."""
+    if not (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)):
+        return None
+    if HAS_FLASH_ATTN:
+        return _flash_attn_varlen
+    return _torch_varlen if torch_varlen_attn is not None else None
 
 
 @dataclass(frozen=True)
@@ -70,15 +92,14 @@ def sdpa_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None
 
 def packed_attention(qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Packed qkv [T, 3, H, D] -> [T, H, D], each token attending to the real tokens of its own sequence."""
-    if use_flash_attn(qkv):
-        from flash_attn import flash_attn_varlen_qkvpacked_func
-
-        return flash_attn_varlen_qkvpacked_func(qkv, packing.cu_seqlens, packing.max_len, 0.0, causal=False)
+    kernel = varlen_kernel(qkv)
+    if kernel is not None:
+        return kernel(qkv, packing)
     return packing.pack(sdpa_attention(packing.unpack(qkv), packing.attention_mask))
 
 
-def flash_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """qkv [B, L, 3, H, D] -> [B, L, H, D] with flash_attn_varlen_qkvpacked_func, padding removed."""
+def varlen_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [B, L, 3, H, D] -> [B, L, H, D] through `packed_attention`, padding removed."""
     if attention_mask is None:
         attention_mask = torch.ones(qkv.shape[:2], dtype=torch.bool, device=qkv.device)
     packing = Packing.from_mask(attention_mask)
@@ -86,7 +107,8 @@ def flash_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = Non
 
 
 def attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch to the fastest exact kernel for `qkv` [B, L, 3, H, D]; returns [B, L, H, D]."""
-    if use_flash_attn(qkv):
-        return flash_attention(qkv, attention_mask)
+    """Dispatch to the fastest exact kernel for `qkv` [B, L, 3, H, D]; returns [B, L, H, D]. Without padding
+    SDPA is itself a flash kernel on CUDA; with padding a varlen kernel skips the padded tokens entirely."""
+    if attention_mask is not None and varlen_kernel(qkv) is not None:
+        return varlen_attention(qkv, attention_mask)
     return sdpa_attention(qkv, attention_mask)

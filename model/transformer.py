@@ -79,7 +79,9 @@ class EmbeddingLayer(nn.Module):
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding[x]
+        # F.embedding, not self.embedding[x]: the same rows, but its backward is a fast scatter-add where
+        # advanced indexing's is a sort-based index_put (measured: 2.8 ms of a 91 ms H100 step)
+        return F.embedding(x, self.embedding)
 
 
 class DDiTBlock(nn.Module):
@@ -112,7 +114,7 @@ class DDiTBlock(nn.Module):
         """x [B, L, dim] (cos/sin [L, D]) or, with `packing`, the real tokens x [T, dim] (cos/sin [T, D]);
         c [B, cond_dim]. Returns x's shape."""
         modulation = self.adaLN_modulation(c)
-        modulation = modulation[:, None] if packing is None else modulation[packing.sequence]
+        modulation = modulation[:, None] if packing is None else modulation.index_select(0, packing.sequence)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         qkv = self.attn_qkv(h).unflatten(-1, (3, self.n_heads, -1))  # [..., 3, H, D]
@@ -196,8 +198,11 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
         """
         hidden, c = self.trunk(indices, sigma, attention_mask)
         if output_mask is not None:
-            rows = output_mask.nonzero(as_tuple=True)
-            hidden, c, indices, sigma = hidden[rows], c[rows[0]], indices[rows], sigma[rows[0]]
+            # index_select on flat positions (its backward is index_add, not a sort-based index_put)
+            flat = output_mask.reshape(-1).nonzero(as_tuple=True)[0]
+            batch = flat // output_mask.shape[1]
+            hidden = hidden.flatten(0, 1).index_select(0, flat)
+            c, indices, sigma = c.index_select(0, batch), indices.reshape(-1)[flat], sigma[batch]
         if raw:
             return self.output_layer(hidden, c)
         return self.head(hidden, c, indices, sigma)

@@ -226,10 +226,21 @@ def test_activation_checkpointing_same_loss_and_gradients(tiny_config, make_mode
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_flash_varlen_plumbing_equals_sdpa(tiny_model, monkeypatch):
-    """The flash-attn path (packing, cu_seqlens, max_len), run on CPU with a stand-in varlen kernel that attends
-    within each cu_seqlens segment, equals the SDPA path at real positions, with and without padding (a hole in
-    the middle of a row included: only the grouping by sequence matters)."""
+def _segment_sdpa(q, k, v, cu_seqlens):
+    """A stand-in varlen kernel: SDPA within each cu_seqlens segment of packed q, k, v [T, H, D]."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        qkv = torch.stack([q[start:end], k[start:end], v[start:end]], dim=1)
+        out[start:end] = sdpa_attention(qkv[None])[0]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
+def test_varlen_plumbing_equals_sdpa(tiny_model, monkeypatch, backend):
+    """Both varlen paths (flash-attn's qkv-packed function, torch's varlen_attn) get the packing, cu_seqlens
+    and max_len right: run on CPU with stand-in kernels that attend within each cu_seqlens segment, they equal
+    the SDPA path at real positions, with and without padding (a hole in the middle of a row included: only the
+    grouping by sequence matters). The real kernels are compared on CUDA in tests/test_cuda.py."""
     import sys
     import types
 
@@ -237,17 +248,24 @@ def test_flash_varlen_plumbing_equals_sdpa(tiny_model, monkeypatch):
 
     calls = []
 
-    def varlen(qkv, cu_seqlens, max_len, dropout_p, causal):
+    def flash_varlen(qkv, cu_seqlens, max_len, dropout_p, causal):
         assert qkv.dim() == 4 and dropout_p == 0.0 and not causal and cu_seqlens.dtype == torch.int32
         calls.append(int(max_len))
-        out = torch.empty_like(qkv[:, 0])
-        for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
-            out[start:end] = sdpa_attention(qkv[None, start:end])[0]
-        return out
+        return _segment_sdpa(*qkv.unbind(1), cu_seqlens)
 
-    monkeypatch.setitem(
-        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_qkvpacked_func=varlen)
-    )
+    def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        assert q.dim() == 3 and cu_q is cu_k and max_q == max_k and cu_q.dtype == torch.int32
+        calls.append(int(max_q))
+        return _segment_sdpa(q, k, v, cu_q)
+
+    if backend == "flash_attn":
+        monkeypatch.setitem(
+            sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_qkvpacked_func=flash_varlen)
+        )
+        kernel = attention_module._flash_attn_varlen
+    else:
+        monkeypatch.setattr(attention_module, "torch_varlen_attn", torch_varlen)
+        kernel = attention_module._torch_varlen
     indices, sigma = make_inputs(tiny_model, batch=3, seq_len=12, seed=6)
     mask = padding_mask([12, 7, 3], 12)
     mask[0, 4:6] = 0
@@ -255,10 +273,13 @@ def test_flash_varlen_plumbing_equals_sdpa(tiny_model, monkeypatch):
     for attention_mask, max_len in ((mask, 10), (None, 12)):
         calls.clear()
         with torch.no_grad():
-            monkeypatch.setattr(attention_module, "use_flash_attn", lambda qkv: True)
-            flash = tiny_model(indices, sigma, attention_mask)
-            monkeypatch.setattr(attention_module, "use_flash_attn", lambda qkv: False)
+            monkeypatch.setattr(attention_module, "varlen_kernel", lambda qkv: kernel)
+            varlen = tiny_model(indices, sigma, attention_mask)
+            padded = attention_module.attention(torch.randn(2, 5, 3, 2, 4), padding_mask([5, 2], 5))
+            monkeypatch.setattr(attention_module, "varlen_kernel", lambda qkv: None)
             sdpa = tiny_model(indices, sigma, attention_mask)
-        assert calls == [max_len] * n_blocks
+        # the model packs once when padded; unpadded it uses SDPA (already a flash kernel on CUDA)
+        assert calls == ([max_len] * n_blocks if attention_mask is not None else []) + [5]
         real = torch.ones_like(mask).bool() if attention_mask is None else mask.bool()
-        torch.testing.assert_close(flash[real], sdpa[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(varlen[real], sdpa[real], rtol=1e-5, atol=1e-5)
+        assert padded.shape == (2, 5, 2, 4) and padded[1, 2:].abs().sum() == 0

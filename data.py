@@ -237,26 +237,25 @@ _DEMO_SEED = 1234
 
 
 def _demo_problem(rng: random.Random) -> tuple[str, str]:
-    """One arithmetic word problem and its GSM8K-style answer (worked line(s), then ``#### N``)."""
+    """One arithmetic word problem on small numbers and its GSM8K-style answer (``a + b = c`` then ``#### c``).
+
+    The operands are single digits (sums up to 18, products up to 25): about 150 facts, few enough for the
+    tiny demo model to learn in a few CPU minutes, so that SFT reaches a useful accuracy and RL can improve it.
+    """
     name, item = rng.choice(_DEMO_NAMES), rng.choice(_DEMO_ITEMS)
-    kind = rng.randrange(4)
+    kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         question = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
         work, result = f"{a} + {b} = {a + b}", a + b
     elif kind == 1:
-        a = rng.randint(2, 99)
+        a = rng.randint(2, 10)
         b = rng.randint(1, a - 1)
         question = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
         work, result = f"{a} - {b} = {a - b}", a - b
-    elif kind == 2:
-        a, b = rng.randint(1, 60), rng.randint(1, 39)
-        c = rng.randint(1, a + b - 1)
-        question = f"{name} has {a} {item}, gets {b} more, then loses {c}. How many {item} are left?"
-        work, result = f"{a} + {b} = {a + b}\n{a + b} - {c} = {a + b - c}", a + b - c
     else:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        question = f"A box holds {a} {item}. How many {item} are in {b} boxes?"
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
+        question = f"{name} fills {b} boxes with {a} {item} each. How many {item} does {name} have?"
         work, result = f"{b} * {a} = {a * b}", a * b
     return question, f"{work}\n#### {result}"
 
@@ -264,7 +263,7 @@ def _demo_problem(rng: random.Random) -> tuple[str, str]:
 def make_demo_arithmetic(n_train: int = 2000, n_test: int = 200, seed: int = _DEMO_SEED) -> DatasetDict:
     """Deterministic arithmetic word problems (``question``/``answer``), no question in both splits.
 
-    Answers look like GSM8K (``"23 + 45 = 68\\n#### 68"``); with the default prompt template every
+    Answers look like GSM8K (``"3 + 5 = 8\\n#### 8"``); with the default prompt template every
     example is under 48 GPT-2 tokens, so a tiny model can learn it on CPU.
     """
     rng = random.Random(seed)

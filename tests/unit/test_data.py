@@ -601,6 +601,7 @@ def test_demo_arithmetic(tok):
         for line in work:
             lhs, rhs = line.split(" = ")
             assert eval(lhs) == int(rhs)  # noqa: S307 - trusted generated arithmetic
+            assert all(int(x) <= 10 for x in lhs.split()[::2])  # small operands: a fact table to learn
         assert int(work[-1].split(" = ")[1]) == value
     lengths = [
         len(ids_of(tok, template.render_prompt(r["question"]))) + len(ids_of(tok, r["answer"])) + 1

@@ -54,6 +54,17 @@ recipe.register_resolvers()
 ROLLOUT_WEIGHTS = ("live", "ema")
 
 
+NO_SIGNAL_HINTS = {
+    "reft": "ReFT keeps completions at or over rl.method.threshold: lower it. ",
+    "rwd": "Groups whose k rewards are all equal carry no weight: use a graded reward (e.g. reward=weighted) "
+    "or rl.method.skip_uniform=False. ",
+    "pg": "Groups whose k rewards are all equal have zero advantage: use a graded reward (e.g. reward=weighted) "
+    "or rl.method.normalize=batch. ",
+    "dpo": "A pair needs two completions of a prompt with different rewards: use a graded reward "
+    "(e.g. reward=weighted). ",
+}
+
+
 class NoSignalError(ValueError):
     """rl.max_empty_iters iterations in a row gave the method nothing to train on (a fixable setting: the run
     ends with its message and exit code 1)."""
@@ -480,9 +491,9 @@ def run_rl(cfg: DictConfig) -> str:
             st.extra["rl"] = buffer.state_dict()
             if buffer.empty_in_row >= cfg.rl.max_empty_iters:
                 raise NoSignalError(
-                    f"{buffer.empty_in_row} iterations in a row selected no completion (last rollout's metrics are "
-                    f"in {run_dir / 'train.log'}). Raise rl.k, lower rl.method.threshold (ReFT), check the reward "
-                    "on the samples/ files, or start from a better SFT model."
+                    f"{buffer.empty_in_row} iterations in a row selected no completion for rl/method={method.name} "
+                    f"(last rollout's metrics are in {run_dir / 'train.log'}). {NO_SIGNAL_HINTS.get(method.name, '')}"
+                    "Raise rl.k, check the reward on the samples/ files, or start from a better SFT model."
                 )
         positions = buffer.next_positions(cfg.training.batch_size)
         batches = micro_batches(

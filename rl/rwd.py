@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rl.buffer import Selection, encode_completions, make_example
+from rl.buffer import Selection, encode_completions, group_ids, make_example, uniform_groups
 
 WEIGHTINGS = ("exp", "softmax")
 NORMALIZATIONS = ("group", "batch")
@@ -174,7 +174,6 @@ class RewardWeighted:
     offline: OfflineData | dict | None = field(default=None)
 
     name: ClassVar[str] = "rwd"
-    min_group_size: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -193,6 +192,11 @@ class RewardWeighted:
             )
         self.offline = offline_options(self.offline, OfflineData)
 
+    @property
+    def min_group_size(self) -> int:
+        """rl.k needed: 2 to normalise within groups, 1 over the batch (one completion per prompt)."""
+        return 2 if self.normalize == "group" else 1
+
     def select(
         self,
         rewards: Sequence[float],
@@ -208,14 +212,9 @@ class RewardWeighted:
         r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
         if self.kl_coef > 0 and kl is not None:
             r = r - self.kl_coef * torch.tensor([float(x) for x in kl], dtype=torch.float64)
-        if self.normalize == "batch":
-            g = torch.zeros(n, dtype=torch.long)
-        elif groups is not None:
-            g = torch.as_tensor(list(groups), dtype=torch.long)
-        else:
-            g = torch.arange(n) // group_size
+        g = group_ids(n, group_size, groups, self.normalize)
         w = reward_weights(r, g, weighting=self.weighting, beta=self.beta, max_weight=self.max_weight)
-        uniform = {int(x) for x in torch.unique(g) if r[g == x].max() == r[g == x].min()}
+        uniform = uniform_groups(r, g)
         rows = [i for i in range(n) if not (self.skip_uniform and int(g[i]) in uniform)]
         w = w[rows]
         n = len(rows)

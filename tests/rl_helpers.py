@@ -43,6 +43,11 @@ def yes_share(prompts, completions, **fields) -> list[float]:
     return [c.split().count("yes") / max(len(c.split()), 1) for c in completions]
 
 
+def constant_reward(prompts, completions, **fields) -> list[float]:
+    """The same reward for every completion: no group prefers any of its completions."""
+    return [1.0] * len(completions)
+
+
 def save_start_model(directory: Path, p_yes: float = 0.3) -> Path:
     """The starting model of the RL tests: `iid_sedd` answering ' yes' with probability `p_yes`, else ' no'
     (never EOS: every answer fills the canvas), saved in hub format with SFT_FORMAT."""

@@ -156,6 +156,32 @@ def test_bad_config_errors_name_the_fix(tmp_path, start, overrides, message):
         run_rl.validate_config(rl_config(tmp_path, start, *overrides))
 
 
+@pytest.mark.parametrize(("method", "hint"), [("rwd", "skip_uniform=False"), ("pg", "normalize=batch")])
+def test_no_signal_stops_the_run_with_the_method_s_fix(tmp_path, start, method, hint):
+    """A reward that never differs within a group gives rwd and pg nothing to train on: after
+    rl.max_empty_iters iterations the run stops with a message naming the method's own fix."""
+    cfg = rl_config(
+        tmp_path / "run",
+        start,
+        f"rl/method={method}",
+        "reward=custom",
+        "reward.path=tests.rl_helpers.constant_reward",
+        "rl.max_empty_iters=2",
+        "training.n_iters=3",
+        "rl.eval_prompts=0",
+    )
+    with pytest.raises(run_rl.NoSignalError, match=rf"2 iterations in a row.*rl/method={method}.*{hint}"):
+        run_rl.run_rl(cfg)
+
+
+@pytest.mark.parametrize("method", ["rwd", "pg"])
+def test_one_completion_per_prompt_with_batch_normalisation_is_valid(tmp_path, start, method):
+    """The fix the k=1 error suggests works: weights/advantages normalised over the batch need no groups."""
+    run_rl.validate_config(
+        rl_config(tmp_path, start, f"rl/method={method}", "rl.k=1", "rl.method.normalize=batch")
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -15,7 +15,7 @@ $python -c "import torch, model.attention as a; print('torch', torch.__version__
   '| flash-attn package:', a.HAS_FLASH_ATTN, '| torch varlen_attn:', a.torch_varlen_attn is not None)" \
   | tee -a "$out/gpu.txt"
 
-timeout 150 $python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+timeout 150 $python -m pytest -q -m gpu tests/test_cuda.py \
   2>&1 | tee "$out/pytest_cuda.log"
 
 timeout 150 $python benchmarks/bench.py --device cuda --model small --task train --batch 16 --length 1024 \

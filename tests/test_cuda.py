@@ -1,6 +1,7 @@
 """The CUDA code paths: varlen flash attention, bf16 autocast training, the sampler and sft.py on a GPU.
 
-CI has no GPU, so these are skipped there; they run on a GPU machine (`python -m pytest tests/test_cuda.py`).
+Marked `gpu`, so deselected by default (CI has no GPU); on a GPU machine: `python -m pytest -m gpu tests/test_cuda.py`
+(or `bash benchmarks/cuda_check.sh`, which also runs the GPU benchmark).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from model import attention as attention_module
 from model.attention import attention, sdpa_attention
 from tests.conftest import randomize_
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
 
 

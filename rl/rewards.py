@@ -8,7 +8,8 @@ aligned with the completions (`fields["answer"][i]` is the reference of completi
 finite float per completion and ignores the fields it does not use (`**fields`).
 
 Built in: `exact_match` (final answer `#### N`, `\\boxed{}`, `Attempt:` or last number equals the reference's),
-`math_verify_match` (LaTeX equivalence with math-verify), `format_reward` (regex), `length_penalty`,
+`math_verify_match` (LaTeX equivalence with math-verify), `checked_arithmetic` (a right final answer whose
+worked equations are all true), `format_reward` (regex), `length_penalty`,
 `RewardModel` (a HuggingFace sequence classifier) and `WeightedSum` (a weighted sum of rewards). Your own
 function plugs in by import path: `reward=custom reward.path=my_package.my_module.my_reward`
 (or `reward._target_=my_package.my_module.my_reward +reward._partial_=true`).
@@ -16,8 +17,10 @@ function plugs in by import path: `reward=custom reward.path=my_package.my_modul
 
 from __future__ import annotations
 
+import ast
 import importlib
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ __all__ = [
     "Scores",
     "exact_match",
     "math_verify_match",
+    "checked_arithmetic",
     "format_reward",
     "length_penalty",
     "RewardModel",
@@ -118,6 +122,61 @@ def exact_match(
             and answers_match(extract_answer(c), reference_answer(r))
         )
         for c, r in zip(completions, references, strict=True)
+    ]
+
+
+# an equation of plain arithmetic: numbers, + - * / x and brackets, "=", a number (GSM8K's <<48/2=24>> too)
+_EQUATION_RE = re.compile(r"((?:[-(]\s*)*\d[-+*/x×()\d.,\s]*)=\s*(-?[\d,]*\.?\d+)")
+_DANGLING_RE = re.compile(
+    r"[-+*/×]\s*=|=\s*="
+)  # "4 + = 12", "= = 10": an operator or "=" missing its operand
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _arithmetic(node: ast.AST) -> Fraction:
+    """The exact value of a parsed expression of numbers, + - * / and unary minus (nothing else is allowed)."""
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, int | float)
+        and not isinstance(node.value, bool)
+    ):
+        return Fraction(str(node.value))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _arithmetic(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_arithmetic(node.left), _arithmetic(node.right))
+    raise ValueError("not plain arithmetic")
+
+
+def equations_hold(text: str) -> bool:
+    """True when every equation `expr = number` in `text` (`3 + 5 = 8`, `<<48/2=24>>`) is true arithmetic.
+    Text with no equation holds trivially; a dangling operator (`4 + = 12`) or an expression that does not
+    parse is false."""
+    if _DANGLING_RE.search(text):
+        return False
+    for expression, result in _EQUATION_RE.findall(text):
+        expression = expression.replace(",", "").replace("×", "*").replace("x", "*").strip()
+        if not expression or expression[-1] in "+-*/":
+            return False
+        try:
+            if _arithmetic(ast.parse(expression, mode="eval").body) != Fraction(result.replace(",", "")):
+                return False
+        except (SyntaxError, ValueError, ZeroDivisionError):
+            return False
+    return True
+
+
+def checked_arithmetic(
+    prompts: Sequence[str], completions: Sequence[str], *, reference_field: str = "answer", **fields: Any
+) -> list[float]:
+    """1.0 when the final answer (`#### N` or `\\boxed{}`) equals the reference's and every worked equation
+    of the completion is true (`equations_hold`), else 0.0: a process check for GSM8K-style answers, so that RL
+    does not reward (and train on) `5 + 4 = 10 #### 8`, a right number after wrong work."""
+    right = exact_match(prompts, completions, reference_field=reference_field, strict=True, **fields)
+    return [
+        float(r == 1.0 and equations_hold(c.split("####")[0]))
+        for r, c in zip(right, completions, strict=True)
     ]
 
 
@@ -381,6 +440,7 @@ def build_reward(name: str, **kwargs: Any) -> RewardFn:
     """A built-in reward by name (for command-line tools), or any other name as an import path."""
     builtin: dict[str, Callable[..., Any]] = {
         "exact_match": exact_match,
+        "checked_arithmetic": checked_arithmetic,
         "math_verify": math_verify_match,
         "format": format_reward,
         "length": length_penalty,

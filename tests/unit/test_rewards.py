@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from rl.rewards import (
     WeightedSum,
     build_reward,
+    checked_arithmetic,
+    equations_hold,
     exact_match,
     format_reward,
     length_penalty,
@@ -135,6 +137,49 @@ def test_weighted_sum_and_its_components():
     assert scores.components == {"correct": [1.0, 0.0, 1.0], "format": [1.0, 1.0, 0.0]}
     with pytest.raises(ValueError, match=r"names \['style'\], which are not in reward.rewards"):
         WeightedSum({"correct": exact_match}, weights={"style": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference", "expected"),
+    [
+        ("5 + 3 = 8\n#### 8", "#### 8", 1.0),  # right work, right answer
+        ("5 + 4 = 10\n#### 8", "#### 8", 0.0),  # right number after wrong work
+        ("5 + 4 = 9\n#### 9", "#### 8", 0.0),  # true work, wrong answer
+        ("7 + = = 10\n#### 10", "#### 10", 0.0),  # malformed equation
+        ("#### 8", "#### 8", 1.0),  # no work shown: nothing to contradict the answer
+        ("so it is 8", "#### 8", 0.0),  # no marked answer (strict: no last-number fallback)
+        ("", "#### 8", 0.0),  # empty
+        ("9 + 6 = 15\n15 - 7 = 8\n#### 8", "#### 8", 1.0),  # two steps
+        ("9 + 6 = 15\n15 - 7 = 9\n#### 8", "#### 8", 0.0),  # the second step is false
+        (GSM8K_REFERENCE, GSM8K_REFERENCE, 1.0),  # GSM8K's <<48/2=24>> annotation (and 48/2 = <<...)
+        ("Natalia sold <<48/2=25>>25 clips.\n#### 72", GSM8K_REFERENCE, 0.0),
+        ("3 * 4 = 12\n#### 12", "#### 12", 1.0),
+        ("2 x 6 = 12\n#### 12", "#### 12", 1.0),
+        ("1,000 + 5 = 1,005\n#### 1005", "#### 1005", 1.0),
+        ("10 / 4 = 2.5\n#### 2.5", "#### 2.5", 1.0),
+    ],
+)
+def test_checked_arithmetic_table(completion, reference, expected):
+    assert checked_arithmetic(["q"], [completion], answer=[reference]) == [expected]
+
+
+def test_equations_hold_evaluates_plain_arithmetic_only():
+    assert equations_hold("3 - 5 = -2 and 2 * (3 + 1) = 8")
+    assert not equations_hold("2 * (3 + 1) = 7")
+    assert not equations_hold("1 / 0 = 1")
+    assert equations_hold("no equation here")
+    # names and calls are not evaluated: only the arithmetic part next to "=" is read
+    assert equations_hold("__import__('os') 2 + 2 = 4")
+
+
+def test_checked_arithmetic_config_and_build_reward():
+    cfg = OmegaConf.merge(
+        {"rl": {"answer_field": "answer"}},
+        {"reward": OmegaConf.load("configs/reward/checked_arithmetic.yaml")},
+    )
+    completions = ["2 + 2 = 4\n#### 4", "2 + 2 = 5\n#### 4"]
+    assert instantiate(cfg.reward)(["q", "q"], completions, answer=["4", "4"]) == [1.0, 0.0]
+    assert build_reward("checked_arithmetic")(["q", "q"], completions, answer=["4", "4"]) == [1.0, 0.0]
 
 
 def test_weighted_config_instantiates_with_hydra():

@@ -21,6 +21,7 @@ import recipe
 import run_rl
 from checkpoint import load_checkpoint
 from load_model import load_model
+from rl.rwd import reward_weights
 from tests.rl_helpers import CONFIG_DIR, iid_sedd, rl_config, save_start_model
 from tests.tiny_models import offline_env, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
@@ -90,13 +91,12 @@ def test_a_tiny_run_raises_a_synthetic_reward_and_writes_its_outputs(tmp_path, s
     rows = [json.loads(line) for line in (run_dir / "samples" / "iter_1.jsonl").read_text().splitlines()]
     assert len(rows) == 16  # 4 prompts x k=4
     assert {"prompt", "completion", "reward", "selected", "weight", "correct", "iteration"} <= set(rows[0])
-    if (
-        method == "rwd"
-    ):  # resampled in proportion to exp(A / beta): 16 draws, the better completions more often
+    if method == "rwd":  # resampled in proportion to exp(A / beta): 16 draws, each count within 1 of expected
         assert sum(r["weight"] for r in rows) == 16 and sum(r["selected"] for r in rows) < 16
-        for b in range(4):
-            group = sorted(rows[4 * b : 4 * b + 4], key=lambda r: r["reward"])
-            assert [r["weight"] for r in group] == sorted(r["weight"] for r in group)
+        rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+        expected = reward_weights(rewards, torch.arange(16) // 4, weighting="exp", beta=0.5, max_weight=20.0)
+        expected = 16 * expected / expected.sum()
+        assert all(abs(r["weight"] - float(e)) < 1 for r, e in zip(rows, expected, strict=True))
     if method == "reft":  # the best of each prompt's four
         for b in range(4):
             group = rows[4 * b : 4 * b + 4]

@@ -23,10 +23,6 @@ def model_dir(tmp_path_factory):
     )
 
 
-def yes_words(text: str) -> int:
-    return text.split().count("yes")
-
-
 def test_run_sample_guidance_with_a_format_reward(model_dir, tmp_path):
     def sample(*flags: str) -> list[dict]:
         out = tmp_path / "samples.jsonl"
@@ -78,7 +74,7 @@ def test_evaluate_accuracy_with_guidance_reports_the_guiding_reward(model_dir, t
             "--dataset",
             "demo/arithmetic",
             "--limit",
-            "4",
+            "8",
         ]
         assert evaluate.main([*argv, "--steps", "4", "--output", str(out), *flags]) == 0
         return json.loads(out.read_text())["accuracy"]
@@ -87,9 +83,10 @@ def test_evaluate_accuracy_with_guidance_reports_the_guiding_reward(model_dir, t
     guided = accuracy(
         "--guidance", "svdd", "--reward", "tests.rl_helpers.yes_share", "--guidance_candidates", "4"
     )
-    assert "guidance_reward" not in plain["summary"] and plain["summary"]["examples"] == 4
-    count = [sum(yes_words(c) for e in r["examples"] for c in e["completions"]) for r in (plain, guided)]
-    assert count[1] > count[0] + 8, count  # 4 answers of about 10 words: 13 ' yes' expected without guidance
+    assert "guidance_reward" not in plain["summary"] and plain["summary"]["examples"] == 8
+    words = [[w for e in r["examples"] for c in e["completions"] for w in c.split()] for r in (plain, guided)]
+    share = [w.count("yes") / len(w) for w in words]  # 8 answers of about 10 words; 0.3 expected unguided
+    assert min(len(w) for w in words) >= 60 and share[1] > share[0] + 0.15, share  # measured: 0.25 -> 0.53
     assert guided["summary"]["guidance_reward"] > 0.45
 
 

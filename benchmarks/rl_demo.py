@@ -11,7 +11,8 @@ experiment=rl_demo rl/method=reft|rwd` (the configs/experiment/rl_demo.yaml defa
 --mode accuracy` measures the exported model on the first `--prompts` questions of demo/arithmetic's test split
 (never trained on), one answer each (`sample_accuracy`). Guided rows steer the start's sampler with a reward:
 `exact_match` sees the reference answer (an oracle verifier: an upper bound, not the model's own accuracy),
-`format` only checks for a well-formed `#### N` line. The table and every command, wall time and result go to
+`consistent_arithmetic` checks that the worked equations are true and end in the `#### N` answer (no
+reference: a verifier, not an oracle), `format` only checks for a well-formed `#### N` line. The table and every command, wall time and result go to
 `--output` (JSON).
 """
 
@@ -40,6 +41,10 @@ ROWS = {
     "rwd": ("reward-weighted denoising (rl/method=rwd)", []),
     "svdd": ("SFT + SVDD guidance, exact_match (oracle), N=4", ["--guidance", "svdd"]),
     "best_of_n": ("SFT + best-of-4, exact_match (oracle)", ["--guidance", "best_of_n"]),
+    "svdd_consistent": (
+        "SFT + SVDD guidance, consistent_arithmetic (no reference), N=4",
+        ["--guidance", "svdd", "--reward", "consistent_arithmetic"],
+    ),
     "svdd_format": (
         "SFT + SVDD guidance, format reward, N=4",
         [

@@ -9,7 +9,8 @@ finite float per completion and ignores the fields it does not use (`**fields`).
 
 Built in: `exact_match` (final answer `#### N`, `\\boxed{}`, `Attempt:` or last number equals the reference's),
 `math_verify_match` (LaTeX equivalence with math-verify), `checked_arithmetic` (a right final answer whose
-worked equations are all true), `format_reward` (regex), `length_penalty`,
+worked equations are all true), `consistent_arithmetic` (true work ending in its own result, no reference
+needed), `format_reward` (regex), `length_penalty`,
 `RewardModel` (a HuggingFace sequence classifier) and `WeightedSum` (a weighted sum of rewards). Your own
 function plugs in by import path: `reward=custom reward.path=my_package.my_module.my_reward`
 (or `reward._target_=my_package.my_module.my_reward +reward._partial_=true`).
@@ -37,6 +38,7 @@ __all__ = [
     "exact_match",
     "math_verify_match",
     "checked_arithmetic",
+    "consistent_arithmetic",
     "format_reward",
     "length_penalty",
     "RewardModel",
@@ -178,6 +180,24 @@ def checked_arithmetic(
         float(r == 1.0 and equations_hold(c.split("####")[0]))
         for r, c in zip(right, completions, strict=True)
     ]
+
+
+def consistent_arithmetic(prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
+    """1.0 when the completion shows work whose equations are all true and its `#### N` answer is the result
+    of the last equation, else 0.0. Needs no reference answer: a verifier a policy can be steered or trained
+    with on unlabelled prompts (the answer can still be wrong if the work used the wrong numbers)."""
+    rewards = []
+    for completion in completions:
+        work, _, final = completion.partition("####")
+        equations = _EQUATION_RE.findall(work)
+        rewards.append(
+            float(
+                bool(equations)
+                and equations_hold(work)
+                and answers_match(final.strip() or None, equations[-1][1].replace(",", ""))
+            )
+        )
+    return rewards
 
 
 def math_verify_match(
@@ -441,6 +461,7 @@ def build_reward(name: str, **kwargs: Any) -> RewardFn:
     builtin: dict[str, Callable[..., Any]] = {
         "exact_match": exact_match,
         "checked_arithmetic": checked_arithmetic,
+        "consistent_arithmetic": consistent_arithmetic,
         "math_verify": math_verify_match,
         "format": format_reward,
         "length": length_penalty,

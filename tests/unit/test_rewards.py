@@ -13,6 +13,7 @@ from rl.rewards import (
     WeightedSum,
     build_reward,
     checked_arithmetic,
+    consistent_arithmetic,
     equations_hold,
     exact_match,
     format_reward,
@@ -161,6 +162,19 @@ def test_weighted_sum_and_its_components():
 )
 def test_checked_arithmetic_table(completion, reference, expected):
     assert checked_arithmetic(["q"], [completion], answer=[reference]) == [expected]
+
+
+def test_consistent_arithmetic_needs_no_reference():
+    completions = [
+        "5 + 3 = 8\n#### 8",  # true work, its own result
+        "5 + 4 = 10\n#### 10",  # false work
+        "5 + 4 = 9\n#### 8",  # true work, another answer
+        "9 + 6 = 15\n15 - 7 = 8\n#### 8",  # two steps
+        "#### 8",  # no work to check
+        "",
+    ]
+    assert consistent_arithmetic(["q"] * 6, completions) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert build_reward("consistent_arithmetic")(["q"], completions[:1]) == [1.0]
 
 
 def test_equations_hold_evaluates_plain_arithmetic_only():

@@ -1,5 +1,5 @@
 # make setup   install the dependencies (CPU torch by default; TORCH_SPEC="torch" for your CUDA build)
-# make demo    offline CPU demo: SFT of a tiny SEDD on arithmetic, then evaluation
+# make demo    offline CPU demo: SFT of a small SEDD on arithmetic (15-20 min on 2 cores), then evaluation
 # make test    the test suite (CPU, no network)
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0

@@ -48,7 +48,7 @@ from rl.rewards import exact_match, score
 from rl.rollout import PromptSet, Rollout, build_prompt_set, generate_rollouts, policy_weights, summary
 from rl.rwd import OfflineGroups, load_offline
 from tokenizer import get_tokenizer
-from training import TrainState, build_optimizer, lr_lambda, prepare_model, resolve_precision, train_step
+from training import TrainState, optimizer_from_config, prepare_model, resolve_precision, train_step
 
 recipe.register_resolvers()
 ROLLOUT_WEIGHTS = ("live", "ema")
@@ -309,19 +309,7 @@ def run_rl(cfg: DictConfig) -> str:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
-    optimizer = build_optimizer(
-        params,
-        optim.optimizer,
-        optim.lr,
-        optim.beta1,
-        optim.beta2,
-        optim.eps,
-        optim.weight_decay,
-        optim.fused,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(optim.warmup, cfg.training.n_iters, optim.schedule, optim.min_lr_ratio)
-    )
+    optimizer, scheduler = optimizer_from_config(params, optim, cfg.training.n_iters)
     state = TrainState(
         model=model,
         optimizer=optimizer,

@@ -33,10 +33,9 @@ from tokenizer import get_tokenizer
 from training import (
     TrainState,
     batch_loss,
-    build_optimizer,
     evaluate_loss,
     example_noise,
-    lr_lambda,
+    optimizer_from_config,
     prepare_model,
     resolve_precision,
     to_device,
@@ -175,19 +174,7 @@ def run_sft(cfg: DictConfig) -> str:
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
-    optimizer = build_optimizer(
-        params,
-        optim.optimizer,
-        optim.lr,
-        optim.beta1,
-        optim.beta2,
-        optim.eps,
-        optim.weight_decay,
-        optim.fused,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(optim.warmup, cfg.training.n_iters, optim.schedule, optim.min_lr_ratio)
-    )
+    optimizer, scheduler = optimizer_from_config(params, optim, cfg.training.n_iters)
     state = TrainState(
         model=model,
         optimizer=optimizer,

@@ -38,10 +38,9 @@ from tokenizer import get_tokenizer
 from training import (
     TrainState,
     batch_loss,
-    build_optimizer,
     evaluate_loss,
     example_noise,
-    lr_lambda,
+    optimizer_from_config,
     prepare_model,
     resolve_precision,
     to_device,
@@ -148,19 +147,7 @@ def run_train(cfg: DictConfig) -> str:
     logger.info(f"Model: {utils.count_parameters(model) / 1e6:.1f}M parameters")
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
-    optimizer = build_optimizer(
-        params,
-        optim.optimizer,
-        optim.lr,
-        optim.beta1,
-        optim.beta2,
-        optim.eps,
-        optim.weight_decay,
-        optim.fused,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(optim.warmup, cfg.training.n_iters, optim.schedule, optim.min_lr_ratio)
-    )
+    optimizer, scheduler = optimizer_from_config(params, optim, cfg.training.n_iters)
     state = TrainState(
         model=model,
         optimizer=optimizer,

@@ -110,6 +110,24 @@ def lr_lambda(warmup: int, n_iters: int, schedule: str = "constant", min_lr_rati
     return multiplier
 
 
+def optimizer_from_config(
+    params: Sequence[nn.Parameter], optim: Any, n_iters: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and lr schedule of a run's `optim` config (configs/optim/adamw.yaml) over `n_iters`."""
+    optimizer = build_optimizer(
+        params,
+        optim.optimizer,
+        optim.lr,
+        optim.beta1,
+        optim.beta2,
+        optim.eps,
+        optim.weight_decay,
+        optim.fused,
+    )
+    schedule = lr_lambda(optim.warmup, n_iters, optim.schedule, optim.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 # ----------------------------------------------------------------------------- state
 @dataclass
 class TrainState:

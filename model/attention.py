@@ -98,10 +98,8 @@ def packed_attention(qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
     return packing.pack(sdpa_attention(packing.unpack(qkv), packing.attention_mask))
 
 
-def varlen_attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def varlen_attention(qkv: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """qkv [B, L, 3, H, D] -> [B, L, H, D] through `packed_attention`, padding removed."""
-    if attention_mask is None:
-        attention_mask = torch.ones(qkv.shape[:2], dtype=torch.bool, device=qkv.device)
     packing = Packing.from_mask(attention_mask)
     return packing.unpack(packed_attention(packing.pack(qkv), packing))
 

@@ -139,6 +139,7 @@ def test_reward_and_method_configs_instantiate():
             cfg = compose("rl", overrides=[f"rl/method={method}", "experiment=rl_demo"])
             assert instantiate(cfg.rl.method).name == method
             assert cfg.rl.pretrained_model == "exp_local/demo/sft" and cfg.rl.dataset == "demo/arithmetic"
+            assert cfg.reward._target_ == "rl.rewards.checked_arithmetic"  # the demo's verifier reward
 
 
 @pytest.mark.parametrize(

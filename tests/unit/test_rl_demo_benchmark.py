@@ -1,0 +1,30 @@
+"""benchmarks/rl_demo.py's control row trains exactly as the RL rows do (same updates, batch, lr and EMA), so
+that an RL gain in its table is a gain over training more, not over the start alone."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+
+import recipe
+from benchmarks.rl_demo import TRAINED
+from tests.rl_helpers import CONFIG_DIR
+
+
+def test_continued_sft_control_matches_the_rl_demo_updates():
+    recipe.register_resolvers()
+    entrypoint, overrides = TRAINED["sft_continued"]
+    assert entrypoint == "sft.py"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        rl = compose("rl", overrides=["experiment=rl_demo"])
+        sft = compose("sft", overrides=[*overrides, "sft.pretrained_model=exp_local/demo/sft"])
+    for key in ("n_iters", "batch_size", "ema"):
+        assert sft.training[key] == rl.training[key], key
+    assert sft.optim.lr == rl.optim.lr and sft.optim.warmup == 0 and sft.optim.schedule == "constant"
+    assert sft.sft.dataset == rl.rl.dataset == "demo/arithmetic"
+    assert sft.training.n_iters % sft.training.snapshot_freq == 0  # the control exports its final model
+
+
+def test_every_rl_row_uses_the_rl_demo_experiment():
+    for name, (entrypoint, overrides) in TRAINED.items():
+        if entrypoint == "run_rl.py":
+            assert overrides[0] == "experiment=rl_demo" and overrides[1].startswith("rl/method="), name

@@ -111,6 +111,8 @@ def _ours_train(config, weights, args, device, dtype):
     model = SEDD(config)
     model.load_weights(weights)
     model.to(device).train()
+    if args.no_pad_output:
+        model.output_layer.cuda_row_multiple = 1
     forward_model = training.prepare_model(
         model, activation_checkpointing=args.checkpointing, compile=args.compile
     )
@@ -129,11 +131,15 @@ def _ours_train(config, weights, args, device, dtype):
 
     def step() -> float:
         x0 = torch.randint(0, config["tokens"], (batch_size, length), generator=gen)
-        batch = {
-            "input_ids": x0,
-            "attention_mask": torch.ones_like(x0),
-            "loss_mask": torch.ones_like(x0),
-        }
+        batch = (
+            sft_batch(x0, gen)
+            if args.sft_batches
+            else {
+                "input_ids": x0,
+                "attention_mask": torch.ones_like(x0),
+                "loss_mask": torch.ones_like(x0),
+            }
+        )
         draws = training.NoiseDraws(
             (torch.arange(batch_size) + 0.5) / batch_size,  # stratified t: half the tokens masked on average
             torch.rand(batch_size, length, generator=gen),
@@ -153,6 +159,18 @@ def _ours_train(config, weights, args, device, dtype):
         return result.loss
 
     return step
+
+
+def sft_batch(x0: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An SFT-like batch of x0 [B, L]: each row's length uniform in [L/2, L] (the rest padding), its first
+    quarter a prompt (conditioning only). As in SFT the packed token count and the longest row change from
+    batch to batch (what torch.compile must handle without recompiling at every step)."""
+    batch_size, length = x0.shape
+    lengths = torch.randint(length // 2, length + 1, (batch_size,), generator=gen)
+    positions = torch.arange(length)[None, :]
+    attention_mask = (positions < lengths[:, None]).long()
+    loss_mask = attention_mask * (positions >= (lengths // 4)[:, None])
+    return {"input_ids": x0, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
 def _original_train(config, weights, args, device, dtype):
@@ -238,6 +256,8 @@ def measure(job: dict) -> dict:
         _timed(work, args.warmup, device)
         memory.start()
         times, cpu, loss = _timed(work, args.steps, device)
+        if args.sft_batches:  # real tokens only: E[length] = 3/4 L
+            tokens = 0.75 * tokens
         flops, extra = 3 * flops_per_token(config, args.length) * tokens, {"loss": loss}
     else:
         work(2)  # warm-up: kernels, allocator, thread pool
@@ -391,6 +411,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", action="store_true", help="ours: activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer blocks")
     parser.add_argument(
+        "--sft-batches",
+        action="store_true",
+        help="ours: SFT-like padded training batches (lengths uniform in [L/2, L], a quarter prompt); "
+        "tokens/s counts the expected real tokens",
+    )
+    parser.add_argument(
+        "--no-pad-output",
+        action="store_true",
+        help="ours: compute the output layer on the vocabulary's 50258 rows as they are (on CUDA they are "
+        "padded to a multiple of 64 for aligned GEMMs)",
+    )
+    parser.add_argument(
         "--thp",
         action="store_true",
         help="run every worker (both implementations) with THP_MEM_ALLOC_ENABLE=1: torch backs large CPU "
@@ -415,7 +447,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(matmul_peak(job) if job.get("kind") == "peak" else measure(job)))
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    names = "batch length steps warmup sample_steps sample_repeats threads checkpointing compile thp profile".split()
+    names = (
+        "batch length steps warmup sample_steps sample_repeats threads checkpointing compile sft_batches "
+        "no_pad_output thp profile"
+    ).split()
     common = {k: getattr(args, k) for k in names}
     load_start = os.getloadavg()
     peak_job = {"kind": "peak", "thp": args.thp, "threads": args.threads}

@@ -29,6 +29,27 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+# Output rows are padded to a multiple of this on CUDA: with GPT-2's 50258 rows (not a multiple of 8) every
+# GEMM of the output layer has a misaligned leading dimension and cuBLAS falls back to slow kernels.
+CUDA_OUTPUT_ROW_MULTIPLE = 64
+
+
+def padded_linear(x: torch.Tensor, linear: nn.Linear, multiple: int) -> torch.Tensor:
+    """`linear(x)` computed with the weight's rows (and the bias) zero-padded to a multiple of `multiple`, then
+    sliced back: the same numbers, with aligned GEMMs. x [..., in] -> [..., out] (a view of a padded buffer)."""
+    out_features = linear.weight.shape[0]
+    pad = -out_features % multiple
+    if pad == 0:
+        return linear(x)
+    weight, bias = linear.weight, linear.bias
+    if torch.is_autocast_enabled(x.device.type):  # pad the low-precision copy autocast would make anyway
+        dtype = torch.get_autocast_dtype(x.device.type)
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    weight = F.pad(weight, (0, 0, 0, pad))
+    bias = None if bias is None else F.pad(bias, (0, pad))
+    return F.linear(x, weight, bias)[..., :out_features]
+
+
 class LayerNorm(nn.Module):
     """Bias-free LayerNorm, always computed in float32."""
 
@@ -138,6 +159,7 @@ class DDitFinalLayer(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden_size, bias=True)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
+        self.cuda_row_multiple = CUDA_OUTPUT_ROW_MULTIPLE  # 1 turns the padding off (benchmarks/bench.py)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x [..., L, hidden] with c [..., cond] (one c per sequence), or x [N, hidden] with c [N, cond]."""
@@ -145,7 +167,8 @@ class DDitFinalLayer(nn.Module):
         if x.dim() == modulation.dim() + 1:
             modulation = modulation.unsqueeze(-2)
         shift, scale = modulation.chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        multiple = self.cuda_row_multiple if x.is_cuda else 1
+        return padded_linear(modulate(self.norm_final(x), shift, scale), self.linear, multiple)
 
 
 class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "discrete-diffusion"]):
@@ -236,7 +259,9 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
     ) -> torch.Tensor:
         """Output layer on hidden [B, L, hidden] (c [B, cond], indices [B, L], sigma [B]) or on gathered
         positions hidden [N, hidden] (c [N, cond], indices [N], sigma [N]). Returns float32 log-scores."""
-        x = self.output_layer(hidden, c).float()
+        x = (
+            self.output_layer(hidden, c).float().contiguous()
+        )  # a copy already unless fp32 on CUDA (padded view)
         if self.scale_by_sigma:
             sigma = sigma.float()
             esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import graph_lib
+import losses
 import noise_lib
 import sampling
 import training
@@ -61,6 +62,29 @@ def test_model_on_cuda_equals_cpu_in_fp32(tiny_config):
         cpu = model(indices, sigma, mask)
         cuda = model.to(CUDA)(indices.to(CUDA), sigma.to(CUDA), mask.to(CUDA)).cpu()
     torch.testing.assert_close(cuda[mask], cpu[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_output_row_padding_keeps_loss_and_gradients(tiny_config):
+    """On CUDA the output layer's rows are padded to a multiple of 64 (51 -> 64 here): the score-entropy loss
+    and every gradient equal those with the padding off (fp32)."""
+    graph, noise = graph_lib.get_graph(tiny_config), noise_lib.get_noise(tiny_config)
+    gen = torch.Generator().manual_seed(8)
+    x0 = torch.randint(0, tiny_config["tokens"], (4, 32), generator=gen).to(CUDA)
+    mask = lengths_mask([32, 30, 17, 9], 32).to(CUDA)
+    t = torch.tensor([0.2, 0.5, 0.8, 0.95]).to(CUDA)
+    xt = graph.sample_transition(x0, noise(t)[0][:, None])
+    results = []
+    for multiple in (64, 1):
+        model = randomize_(SEDD(tiny_config), 9).to(CUDA)
+        model.output_layer.cuda_row_multiple = multiple
+        terms = losses.score_entropy_loss(model, x0, graph, noise, attention_mask=mask, t=t, xt=xt)
+        terms.mean_per_token().backward()
+        results.append((terms.per_token, [p.grad for p in model.parameters()]))
+    (padded, padded_grads), (plain, plain_grads) = results
+    assert int((xt == graph.dim - 1).sum()) > 10  # the output layer ran on masked rows
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(padded_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_padded_forward_is_close_to_fp32(tiny_config):

@@ -67,3 +67,20 @@ def test_original_sampler_returns_real_tokens(tiny_model):
     x = original_sample(original, batch=2, length=10, steps=4)
     assert x.shape == (2, 10) and x.dtype == torch.long
     assert bool(((x >= 0) & (x < tiny_model.vocab_size - 1)).all())  # never the mask state
+
+
+def test_bench_sft_batches_are_padded_and_prompt_masked():
+    """bench.py --sft-batches: row lengths in [L/2, L], padding neither attended to nor scored, the first
+    quarter of each row a prompt (attended, not scored)."""
+    from benchmarks.bench import sft_batch
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 100, (64, 40), generator=gen)
+    batch = sft_batch(x0, gen)
+    lengths = batch["attention_mask"].sum(1)
+    assert torch.equal(batch["input_ids"], x0)
+    assert int(lengths.min()) >= 20 and int(lengths.max()) <= 40 and len(set(lengths.tolist())) > 5
+    scored = batch["loss_mask"].bool()
+    assert not (scored & ~batch["attention_mask"].bool()).any()
+    assert torch.equal(scored.sum(1), lengths - lengths // 4)
+    assert not scored[:, : int(lengths.min()) // 4].any()

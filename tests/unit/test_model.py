@@ -11,6 +11,7 @@ import torch
 
 from model import SEDD
 from model.attention import attention, sdpa_attention
+from model.transformer import padded_linear
 from tests.reference_sedd import reference_forward, softmax_attention
 
 ATOL = 1e-5  # float32 network vs float64 reference; outputs are O(1)-O(10)
@@ -119,6 +120,41 @@ def test_output_mask_selects_rows_exactly(tiny_model):
     torch.testing.assert_close(rows, full[output_mask], rtol=1e-6, atol=1e-6)
     # a shifted selection must not match (the check is sensitive to row order)
     assert (rows[1:] - full[output_mask][:-1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_linear_equals_linear_with_gradients(bias):
+    """The CUDA output layer's row padding (51 rows computed as 64, sliced back) gives linear's values and
+    gradients (fp32, a few ulp: the padded GEMM may block differently), and the padded rows get no gradient."""
+    gen = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(16, 51, bias=bias)
+    with torch.no_grad():
+        for p in linear.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 7, 16, generator=gen, requires_grad=True)
+    upstream = torch.randn(2, 7, 51, generator=gen)
+    padded = padded_linear(x, linear, 64)
+    assert padded.shape == (2, 7, 51)
+    grads = torch.autograd.grad((padded * upstream).sum(), [x, *linear.parameters()])
+    plain = linear(x)
+    expected = torch.autograd.grad((plain * upstream).sum(), [x, *linear.parameters()])
+    torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_padded_linear_under_bf16_autocast_matches_linear():
+    """Under autocast the padding is applied to autocast's bf16 copy of the weight: the output is bf16 and equal
+    to autocast's own linear up to bf16 rounding."""
+    gen = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(32, 50, bias=True)
+    x = torch.randn(5, 32, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        padded, plain = padded_linear(x, linear, 64), linear(x)
+    assert padded.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(padded.float(), plain.float(), rtol=1e-2, atol=1e-2)
+    # 50 rows are already a multiple of 10: plain linear, bitwise
+    torch.testing.assert_close(padded_linear(x, linear, 10), linear(x), rtol=0, atol=0)
 
 
 def test_padding_invariance(tiny_model):

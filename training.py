@@ -52,20 +52,22 @@ def prepare_model(
     *,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    compile_mode: str | None = None,
     distributed: bool = False,
 ) -> nn.Module:
     """The module the training step calls (`forward_model`); `model` itself stays the bare module.
 
     `activation_checkpointing` recomputes each transformer block in the backward pass (activation memory
     ~ one block instead of all); `compile` compiles each block in place with `torch.compile` (parameter and
-    state-dict names unchanged); `distributed` wraps the model in DDP. Both options are off by default:
-    measure them with benchmarks/bench.py (`--checkpointing`, `--compile`) before turning them on.
+    state-dict names unchanged), with torch.compile's `compile_mode` (None: its default; "reduce-overhead"
+    replays each block as a CUDA graph); `distributed` wraps the model in DDP. Both options are off by
+    default: measure them with benchmarks/bench.py (`--checkpointing`, `--compile`) before turning them on.
     """
     if activation_checkpointing:
         model.activation_checkpointing = True
     if compile:
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=compile_mode)
     return DistributedDataParallel(model) if distributed else model
 
 

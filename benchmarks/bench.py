@@ -114,7 +114,10 @@ def _ours_train(config, weights, args, device, dtype):
     if args.no_pad_output:
         model.output_layer.cuda_row_multiple = 1
     forward_model = training.prepare_model(
-        model, activation_checkpointing=args.checkpointing, compile=args.compile
+        model,
+        activation_checkpointing=args.checkpointing,
+        compile=args.compile or args.compile_mode is not None,
+        compile_mode=args.compile_mode,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(params, lr=3e-4)
@@ -130,6 +133,8 @@ def _ours_train(config, weights, args, device, dtype):
     batch_size, length = args.batch, args.length
 
     def step() -> float:
+        if args.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the CUDA graphs' outputs of the last step are dead
         x0 = torch.randint(0, config["tokens"], (batch_size, length), generator=gen)
         batch = (
             sft_batch(x0, gen)
@@ -283,7 +288,8 @@ def measure(job: dict) -> dict:
 
 def write_profile(run: Callable[[], Any], job: dict, device: torch.device) -> None:
     """Profile two more calls of `run` and write the 40 ops with the most self time (device time on CUDA) to
-    `<profile dir>/profile_<impl>_<task>_<model>_<device>_<precision>.txt`."""
+    `<profile dir>/profile_<impl>_<task>_<model>_<device>_<precision>.txt`, and their timeline (kernels and
+    host calls, for chrome://tracing or Perfetto) to `trace_<same>.json`."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -294,6 +300,7 @@ def write_profile(run: Callable[[], Any], job: dict, device: torch.device) -> No
     path = Path(job["profile"]) / f"profile_{name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60))
+    prof.export_chrome_trace(str(path.with_name(f"trace_{name}.json")))
 
 
 def matmul_peak(job: dict) -> dict:
@@ -411,6 +418,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", action="store_true", help="ours: activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer blocks")
     parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="ours: compile the blocks (implies --compile) with this torch.compile mode",
+    )
+    parser.add_argument(
         "--sft-batches",
         action="store_true",
         help="ours: SFT-like padded training batches (lengths uniform in [L/2, L], a quarter prompt); "
@@ -448,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     names = (
-        "batch length steps warmup sample_steps sample_repeats threads checkpointing compile sft_batches "
+        "batch length steps warmup sample_steps sample_repeats threads checkpointing compile compile_mode "
+        "sft_batches "
         "no_pad_output thp profile"
     ).split()
     common = {k: getattr(args, k) for k in names}

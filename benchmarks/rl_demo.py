@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # the repository's modules (rl.rewards) when run 
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from rl.rewards import format_reward  # noqa: E402
+from rl.rewards import answer_follows_work, format_reward  # noqa: E402
 
 FORMAT_PATTERN = r"####\s*-?\d+\s*$"
 
@@ -141,8 +141,9 @@ def evaluate(name: str, model: Path, out: Path, args: argparse.Namespace) -> dic
 def table(results: dict[str, dict]) -> str:
     """The results as a Markdown table (accuracy = mean over the prompts of one answer's correctness)."""
     lines = [
-        "| model / sampling | accuracy | answered | well-formed `#### N` | guiding reward | train s | eval s |",
-        "|---|---|---|---|---|---|---|",
+        "| model / sampling | accuracy | answered | well-formed `#### N` | answer follows its work | guiding reward "
+        "| train s | eval s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         s = r["eval"]["summary"]
@@ -150,17 +151,29 @@ def table(results: dict[str, dict]) -> str:
         train_s = r.get("train", {}).get("wall_s")
         lines.append(
             f"| {ROWS[name][0]} | {s['sample_accuracy']:.3f} | {s['answered']:.3f} | {r['format_rate']:.3f} | "
-            f"{'' if reward is None else f'{reward:.3f}'} | {'' if train_s is None else f'{train_s:.0f}'} | "
+            f"{r['follows_work_rate']:.3f} | {'' if reward is None else f'{reward:.3f}'} | {'' if train_s is None else f'{train_s:.0f}'} | "
             f"{r['eval']['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
 
+def completions_of(eval_json: Path) -> list[str]:
+    """Every answer of an evaluate.py --mode accuracy result file."""
+    examples = json.loads(eval_json.read_text(encoding="utf-8"))["accuracy"]["examples"]
+    return [c for e in examples for c in e["completions"]]
+
+
 def format_rate(eval_json: Path) -> float:
     """The share of answers that end with a well-formed `#### N` line (the format reward)."""
-    examples = json.loads(eval_json.read_text(encoding="utf-8"))["accuracy"]["examples"]
-    completions = [c for e in examples for c in e["completions"]]
+    completions = completions_of(eval_json)
     return sum(format_reward([""] * len(completions), completions, pattern=FORMAT_PATTERN)) / len(completions)
+
+
+def follows_work_rate(eval_json: Path) -> float:
+    """The share of answers whose `#### N` is the result of their own last worked equation, true or not: a
+    joint property of tokens the sampler unmasks in parallel, which the reward asks for and SFT does not teach."""
+    completions = completions_of(eval_json)
+    return sum(map(answer_follows_work, completions)) / len(completions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             model = out / name
         entry["eval"] = evaluate(name, model, out, args)
         entry["format_rate"] = format_rate(out / f"eval_{name}.json")
+        entry["follows_work_rate"] = follows_work_rate(out / f"eval_{name}.json")
         results[name] = entry
         (out / "results.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
     print(

@@ -182,22 +182,19 @@ def checked_arithmetic(
     ]
 
 
+def answer_follows_work(completion: str) -> bool:
+    """True when the completion's `#### N` answer is the right-hand side of its last worked equation, whether
+    or not that equation is true (`3 + 5 = 9\n#### 9` follows its work; `3 + 5 = 8\n#### 9` does not)."""
+    work, _, final = completion.partition("####")
+    equations = _EQUATION_RE.findall(work)
+    return bool(equations) and answers_match(final.strip() or None, equations[-1][1].replace(",", ""))
+
+
 def consistent_arithmetic(prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
     """1.0 when the completion shows work whose equations are all true and its `#### N` answer is the result
     of the last equation, else 0.0. Needs no reference answer: a verifier a policy can be steered or trained
     with on unlabelled prompts (the answer can still be wrong if the work used the wrong numbers)."""
-    rewards = []
-    for completion in completions:
-        work, _, final = completion.partition("####")
-        equations = _EQUATION_RE.findall(work)
-        rewards.append(
-            float(
-                bool(equations)
-                and equations_hold(work)
-                and answers_match(final.strip() or None, equations[-1][1].replace(",", ""))
-            )
-        )
-    return rewards
+    return [float(answer_follows_work(c) and equations_hold(c.partition("####")[0])) for c in completions]
 
 
 def math_verify_match(

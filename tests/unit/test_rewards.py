@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from rl.rewards import (
     WeightedSum,
+    answer_follows_work,
     build_reward,
     checked_arithmetic,
     consistent_arithmetic,
@@ -175,6 +176,8 @@ def test_consistent_arithmetic_needs_no_reference():
     ]
     assert consistent_arithmetic(["q"] * 6, completions) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert build_reward("consistent_arithmetic")(["q"], completions[:1]) == [1.0]
+    # the answer follows the work (true or false) in the first two and the two-step one only
+    assert [answer_follows_work(c) for c in completions] == [True, True, False, True, False, False]
 
 
 def test_equations_hold_evaluates_plain_arithmetic_only():

@@ -28,3 +28,19 @@ def test_every_rl_row_uses_the_rl_demo_experiment():
     for name, (entrypoint, overrides) in TRAINED.items():
         if entrypoint == "run_rl.py":
             assert overrides[0] == "experiment=rl_demo" and overrides[1].startswith("rl/method="), name
+
+
+def test_follows_work_and_format_rates_read_every_answer(tmp_path):
+    """The table's rates are shares of all answers of an evaluate.py result file (4 here, over 2 questions)."""
+    import json
+
+    from benchmarks.rl_demo import follows_work_rate, format_rate
+
+    examples = [
+        {"completions": ["3 + 5 = 8\n#### 8", "3 + 5 = 9\n#### 9"]},  # follows (true), follows (false)
+        {"completions": ["3 + 5 = 8\n#### 9", "eight"]},  # does not follow, no work or answer
+    ]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"accuracy": {"examples": examples}}))
+    assert follows_work_rate(path) == 0.5
+    assert format_rate(path) == 0.75

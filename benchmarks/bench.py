@@ -100,19 +100,25 @@ def flops_per_token(config: dict, length: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- workers
+def _ours_model(config, weights, args, device):
+    """This project's SEDD with `weights` on `device`; `--no-pad-output` turns the CUDA output-row padding off."""
+    from model import SEDD
+
+    model = SEDD(config)
+    model.load_weights(weights)
+    if args.no_pad_output:
+        model.output_layer.cuda_row_multiple = 1
+    return model.to(device)
+
+
 def _ours_train(config, weights, args, device, dtype):
     """A step of training.train_step (the code path of sft.py / train.py) with stratified t."""
     import graph_lib
     import noise_lib
     import training
-    from model import SEDD
     from model.ema import ExponentialMovingAverage
 
-    model = SEDD(config)
-    model.load_weights(weights)
-    model.to(device).train()
-    if args.no_pad_output:
-        model.output_layer.cuda_row_multiple = 1
+    model = _ours_model(config, weights, args, device).train()
     forward_model = training.prepare_model(
         model,
         activation_checkpointing=args.checkpointing,
@@ -199,11 +205,8 @@ def _ours_sample(config, weights, args, device, dtype):
     import graph_lib
     import noise_lib
     import sampling
-    from model import SEDD
 
-    model = SEDD(config)
-    model.load_weights(weights)
-    model.to(device).eval()
+    model = _ours_model(config, weights, args, device).eval()
     graph, noise = graph_lib.get_graph(config), noise_lib.get_noise(config)
 
     def run(steps: int) -> torch.Tensor:

@@ -465,8 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     names = (
         "batch length steps warmup sample_steps sample_repeats threads checkpointing compile compile_mode "
-        "sft_batches "
-        "no_pad_output thp profile"
+        "sft_batches no_pad_output thp profile"
     ).split()
     common = {k: getattr(args, k) for k in names}
     load_start = os.getloadavg()

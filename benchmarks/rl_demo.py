@@ -149,10 +149,11 @@ def table(results: dict[str, dict]) -> str:
         s = r["eval"]["summary"]
         reward = s.get("guidance_reward")
         train_s = r.get("train", {}).get("wall_s")
+        reward_cell = "" if reward is None else f"{reward:.3f}"
+        train_cell = "" if train_s is None else f"{train_s:.0f}"
         lines.append(
             f"| {ROWS[name][0]} | {s['sample_accuracy']:.3f} | {s['answered']:.3f} | {r['format_rate']:.3f} | "
-            f"{r['follows_work_rate']:.3f} | {'' if reward is None else f'{reward:.3f}'} | {'' if train_s is None else f'{train_s:.0f}'} | "
-            f"{r['eval']['wall_s']:.0f} |"
+            f"{r['follows_work_rate']:.3f} | {reward_cell} | {train_cell} | {r['eval']['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -163,16 +164,14 @@ def completions_of(eval_json: Path) -> list[str]:
     return [c for e in examples for c in e["completions"]]
 
 
-def format_rate(eval_json: Path) -> float:
+def format_rate(completions: list[str]) -> float:
     """The share of answers that end with a well-formed `#### N` line (the format reward)."""
-    completions = completions_of(eval_json)
     return sum(format_reward([""] * len(completions), completions, pattern=FORMAT_PATTERN)) / len(completions)
 
 
-def follows_work_rate(eval_json: Path) -> float:
+def follows_work_rate(completions: list[str]) -> float:
     """The share of answers whose `#### N` is the result of their own last worked equation, true or not: a
     joint property of tokens the sampler unmasks in parallel, which the reward asks for and SFT does not teach."""
-    completions = completions_of(eval_json)
     return sum(map(answer_follows_work, completions)) / len(completions)
 
 
@@ -215,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["train"] = train(name, out, args)
             model = out / name
         entry["eval"] = evaluate(name, model, out, args)
-        entry["format_rate"] = format_rate(out / f"eval_{name}.json")
-        entry["follows_work_rate"] = follows_work_rate(out / f"eval_{name}.json")
+        completions = completions_of(out / f"eval_{name}.json")
+        entry["format_rate"] = format_rate(completions)
+        entry["follows_work_rate"] = follows_work_rate(completions)
         results[name] = entry
         (out / "results.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
     print(

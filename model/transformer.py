@@ -259,9 +259,8 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
     ) -> torch.Tensor:
         """Output layer on hidden [B, L, hidden] (c [B, cond], indices [B, L], sigma [B]) or on gathered
         positions hidden [N, hidden] (c [N, cond], indices [N], sigma [N]). Returns float32 log-scores."""
-        x = (
-            self.output_layer(hidden, c).float().contiguous()
-        )  # a copy already unless fp32 on CUDA (padded view)
+        # contiguous: in fp32 on CUDA the output layer returns a view of its row-padded buffer
+        x = self.output_layer(hidden, c).float().contiguous()
         if self.scale_by_sigma:
             sigma = sigma.float()
             esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log()

@@ -125,7 +125,7 @@ def test_output_mask_selects_rows_exactly(tiny_model):
 @pytest.mark.parametrize("bias", [True, False])
 def test_padded_linear_equals_linear_with_gradients(bias):
     """The CUDA output layer's row padding (51 rows computed as 64, sliced back) gives linear's values and
-    gradients (fp32, a few ulp: the padded GEMM may block differently), and the padded rows get no gradient."""
+    gradients (fp32, a few ulp: the padded GEMM may block differently)."""
     gen = torch.Generator().manual_seed(3)
     linear = torch.nn.Linear(16, 51, bias=bias)
     with torch.no_grad():

@@ -257,13 +257,23 @@ def batch_loss(
     noise: Noise,
     draws: NoiseDraws,
     sampling_eps: float = 1e-3,
+    loss_kernel: str | None = None,
 ) -> LossTerms:
-    """DWDSE of a collated batch (`input_ids`, `attention_mask`, `loss_mask`) under the given draws."""
+    """DWDSE of a collated batch (`input_ids`, `attention_mask`, `loss_mask`) under the given draws;
+    `loss_kernel`: see `losses.absorbing_entropy_from_logits` (None: the device's default)."""
     x0 = batch["input_ids"]
     scored = batch["loss_mask"].bool() & batch["attention_mask"].bool()
     t, xt = perturb_from_draws(graph, noise, x0, scored, draws, sampling_eps)
     return score_entropy_loss(
-        model, x0, graph, noise, loss_mask=scored, attention_mask=batch["attention_mask"], t=t, xt=xt
+        model,
+        x0,
+        graph,
+        noise,
+        loss_mask=scored,
+        attention_mask=batch["attention_mask"],
+        t=t,
+        xt=xt,
+        loss_kernel=loss_kernel,
     )
 
 

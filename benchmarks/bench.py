@@ -135,6 +135,7 @@ def _ours_train(config, weights, args, device, dtype):
     )
     graph, noise = graph_lib.get_graph(config), noise_lib.get_noise(config)
     precision = "fp32" if dtype is None else "bf16"
+    loss_kernel = "one_buffer" if args.no_fused_loss else None
     gen = torch.Generator().manual_seed(0)
     batch_size, length = args.batch, args.length
 
@@ -162,7 +163,7 @@ def _ours_train(config, weights, args, device, dtype):
             state,
             forward_model,
             [batch],
-            lambda fwd, mb: training.batch_loss(fwd, mb, graph, noise, draws),
+            lambda fwd, mb: training.batch_loss(fwd, mb, graph, noise, draws, loss_kernel=loss_kernel),
             precision=precision,
             device=device,
             grad_clip=1.0,
@@ -205,8 +206,15 @@ def _ours_sample(config, weights, args, device, dtype):
     import graph_lib
     import noise_lib
     import sampling
+    import training
 
     model = _ours_model(config, weights, args, device).eval()
+    if args.compile_mode not in (None, "default"):
+        raise SystemExit(
+            "--compile-mode applies to training only; the sampler takes --compile (default mode)"
+        )
+    if args.compile:
+        training.prepare_model(model, compile=True)  # compiles the blocks in place; the sampler calls model
     graph, noise = graph_lib.get_graph(config), noise_lib.get_noise(config)
 
     def run(steps: int) -> torch.Tensor:
@@ -419,7 +427,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads in every worker (default: torch's, all cores)",
     )
     parser.add_argument("--checkpointing", action="store_true", help="ours: activation checkpointing")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer blocks")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="ours: torch.compile the transformer blocks (training and sampler)",
+    )
     parser.add_argument(
         "--compile-mode",
         default=None,
@@ -437,6 +449,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="ours: compute the output layer on the vocabulary's 50258 rows as they are (on CUDA they are "
         "padded to a multiple of 64 for aligned GEMMs)",
+    )
+    parser.add_argument(
+        "--no-fused-loss",
+        action="store_true",
+        help="ours: the eager one-buffer score-entropy kernel on CUDA too (default there: the compiled fused one)",
     )
     parser.add_argument(
         "--thp",
@@ -465,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     names = (
         "batch length steps warmup sample_steps sample_repeats threads checkpointing compile compile_mode "
-        "sft_batches no_pad_output thp profile"
+        "sft_batches no_pad_output no_fused_loss thp profile"
     ).split()
     common = {k: getattr(args, k) for k in names}
     load_start = os.getloadavg()

@@ -87,6 +87,33 @@ def test_output_row_padding_keeps_loss_and_gradients(tiny_config):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_fused_loss_kernel_equals_one_buffer_kernel(dtype):
+    """The compiled "fused" score-entropy kernel (CUDA's default) against the eager one-buffer kernel on
+    GPT-2-sized logits that are a view of a row-padded buffer (as the output layer returns them), at two row
+    counts (dynamic shapes, no recompilation error): the same entropies and gradients (both compute in fp32;
+    bf16 gradients may differ by rounding of the last bit)."""
+    assert losses.default_loss_kernel(CUDA) == "fused"
+    gen = torch.Generator().manual_seed(13)
+    vocab = 50258
+    for n in (300, 517):
+        padded = (3 * torch.randn(n, 50304, generator=gen)).to(CUDA, dtype)
+        x0 = torch.randint(0, vocab - 1, (n,), generator=gen).to(CUDA)
+        sigma = torch.logspace(-3, 0.9, n).to(CUDA)
+        upstream = torch.rand(n, generator=gen).to(CUDA)
+        results = []
+        for kernel in ("fused", "one_buffer"):
+            logits = padded.clone().requires_grad_()
+            entropy = losses.absorbing_entropy_from_logits(logits[:, :vocab], x0, sigma, True, kernel)
+            entropy.backward(upstream)
+            results.append((entropy, logits.grad))
+        (fused, fused_grad), (plain, plain_grad) = results
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=0)
+        rtol = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=rtol, atol=1e-30)
+        assert fused_grad[:, vocab - 1 :].abs().max() == 0  # the mask state and the padded rows
+
+
 def test_bf16_padded_forward_is_close_to_fp32(tiny_config):
     """bf16 autocast through the varlen path stays close to the fp32 SDPA path (relative error of the scores)."""
     model = randomize_(SEDD(tiny_config), 4).eval().to(CUDA)

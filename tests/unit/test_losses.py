@@ -10,7 +10,16 @@ import torch
 
 import graph_lib
 import noise_lib
-from losses import LossTerms, absorbing_entropy_from_logits, perturb, sample_t, score_entropy_loss
+from losses import (
+    LOSS_KERNELS,
+    LossTerms,
+    _FusedAbsorbingEntropy,
+    absorbing_entropy_from_logits,
+    default_loss_kernel,
+    perturb,
+    sample_t,
+    score_entropy_loss,
+)
 from tests.reference_sedd import (
     original_score_entropy_absorb,
     original_score_entropy_uniform,
@@ -86,7 +95,10 @@ def full_absorbing_loss(model, x0, xt, t, graph, noise, attention_mask=None, los
     return torch.where(scored, dsigma[:, None] * entropy, torch.zeros_like(entropy))
 
 
-def test_absorbing_fast_path_equals_full_computation(tiny_model):
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_absorbing_fast_path_equals_full_computation(tiny_model, kernel):
+    """The masked-rows output layer and loss (each loss kernel) equal the full-vocabulary computation at every
+    position: per-token losses and every gradient."""
     graph, noise = setup(tiny_model.config)
     tiny_model.train()  # dropout is 0: train mode changes nothing but exercises the training path
     x0 = data(3, 16, 50, seed=1)
@@ -103,7 +115,15 @@ def test_absorbing_fast_path_equals_full_computation(tiny_model):
 
     tiny_model.zero_grad()
     terms = score_entropy_loss(
-        tiny_model, x0, graph, noise, loss_mask=loss_mask, attention_mask=attention_mask, t=t, xt=xt
+        tiny_model,
+        x0,
+        graph,
+        noise,
+        loss_mask=loss_mask,
+        attention_mask=attention_mask,
+        t=t,
+        xt=xt,
+        loss_kernel=kernel,
     )
     terms.mean_per_token().backward()
     fast = grads(tiny_model)
@@ -233,12 +253,14 @@ def test_absorbing_batch_without_masked_tokens(tiny_model):
     assert all(torch.all(p.grad == 0) for p in tiny_model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("scale_by_sigma", [True, False])
-def test_fused_absorbing_entropy_equals_plain_formula_with_gradients(dtype, scale_by_sigma):
-    """`absorbing_entropy_from_logits` (one buffer, hand-written backward) against `Absorbing.score_entropy`
-    on the log-scores the model's head would produce (logits - shift, input entry 0), autograd through the
-    plain formula for the reference gradient. Sigmas from 1e-4 (esigm1 ~ 1e-4) to 8; float64 checks are tight."""
+def test_fused_absorbing_entropy_equals_plain_formula_with_gradients(dtype, scale_by_sigma, kernel):
+    """`absorbing_entropy_from_logits` (each kernel: one buffer, or the fused passes run eagerly on CPU; both
+    with hand-written backwards) against `Absorbing.score_entropy` on the log-scores the model's head would
+    produce (logits - shift, input entry 0), autograd through the plain formula for the reference gradient.
+    Sigmas from 1e-4 (esigm1 ~ 1e-4) to 8; float64 checks are tight."""
     graph = graph_lib.Absorbing(40)
     gen = torch.Generator().manual_seed(11)
     n = 24
@@ -247,7 +269,7 @@ def test_fused_absorbing_entropy_equals_plain_formula_with_gradients(dtype, scal
     x0 = torch.randint(0, graph.dim - 1, (n,), generator=gen)
     weights = torch.rand(n, generator=gen, dtype=dtype)  # a generic upstream gradient
 
-    fused = absorbing_entropy_from_logits(logits, x0, sigma, scale_by_sigma)
+    fused = absorbing_entropy_from_logits(logits, x0, sigma, scale_by_sigma, kernel)
     (fused_grad,) = torch.autograd.grad((weights * fused).sum(), logits)
 
     shift = (
@@ -265,16 +287,18 @@ def test_fused_absorbing_entropy_equals_plain_formula_with_gradients(dtype, scal
     assert torch.all(fused_grad[:, -1] == 0)  # the mask state's logit does not enter the loss
 
 
-def test_fused_absorbing_entropy_gradient_matches_finite_differences():
-    """The hand-written backward against central differences in float64 along random directions (v^T J u), and
-    a second backward through the same graph (its buffer became the gradient) is refused, not wrong."""
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_fused_absorbing_entropy_gradient_matches_finite_differences(kernel):
+    """Each kernel's hand-written backward against central differences in float64 along random directions
+    (v^T J u). A second backward through the same graph is refused by the one-buffer kernel (its buffer became
+    the gradient), not wrong; the fused kernel keeps the logits, so it gives the same gradient again."""
     gen = torch.Generator().manual_seed(12)
     logits = torch.randn(5, 9, generator=gen, dtype=torch.float64)
     x0 = torch.tensor([0, 3, 7, 2, 5])
     sigma = torch.tensor([1e-3, 0.1, 0.7, 2.0, 6.0], dtype=torch.float64)
 
     def entropy(z):
-        return absorbing_entropy_from_logits(z, x0, sigma, True)
+        return absorbing_entropy_from_logits(z, x0, sigma, True, kernel)
 
     for _ in range(4):
         u = torch.randn(logits.shape, generator=gen, dtype=torch.float64)
@@ -284,7 +308,43 @@ def test_fused_absorbing_entropy_gradient_matches_finite_differences():
         h = 1e-6
         finite = (v * (entropy(logits + h * u) - entropy(logits - h * u))).sum() / (2 * h)
         torch.testing.assert_close((grad * u).sum(), finite, rtol=1e-7, atol=1e-9)
-    out = entropy(logits.clone().requires_grad_()).sum()
+    z = logits.clone().requires_grad_()
+    out = entropy(z).sum()
     out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward pass"):
+    if kernel == "one_buffer":
+        with pytest.raises(RuntimeError, match="one backward pass"):
+            out.backward()
+    else:
+        first = z.grad.clone()
         out.backward()
+        torch.testing.assert_close(z.grad, 2 * first, rtol=1e-12, atol=0)
+
+
+def test_loss_kernel_is_chosen_by_device_and_checked():
+    """CPU gets the one-buffer kernel (the fused one is compiled on CUDA only); an unknown name is refused
+    with the valid ones."""
+    assert default_loss_kernel(torch.device("cpu")) == "one_buffer"
+    with pytest.raises(ValueError, match="one_buffer"):
+        absorbing_entropy_from_logits(
+            torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.ones(2), True, "x"
+        )
+
+
+def test_fused_kernel_compiles_and_matches_eager():
+    """The fused kernel's two passes go through torch.compile (as on CUDA; here inductor's CPU backend) and give
+    the eager passes' entropies and gradients, at two row counts (dynamic shapes)."""
+    gen = torch.Generator().manual_seed(14)
+    for n in (37, 53):
+        logits = (2 * torch.randn(n, 101, generator=gen)).requires_grad_()
+        x0 = torch.randint(0, 100, (n,), generator=gen)
+        log_esigm1 = torch.expm1(torch.rand(n, generator=gen) + 0.01).log()
+        shift = log_esigm1 + math.log(100)
+        upstream = torch.rand(n, generator=gen)
+        results = []
+        for compiled in (True, False):
+            entropy = _FusedAbsorbingEntropy.apply(logits, x0, shift, log_esigm1, compiled)
+            (grad,) = torch.autograd.grad(entropy, logits, upstream)
+            results.append((entropy, grad))
+        (compiled_entropy, compiled_grad), (eager_entropy, eager_grad) = results
+        torch.testing.assert_close(compiled_entropy, eager_entropy, rtol=1e-5, atol=0)
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)

@@ -41,6 +41,7 @@ __all__ = [
     "IGNORE_INDEX",
     "DEFAULT_TEXT_FIELD",
     "DEMO_DATASET",
+    "DEMO_NOISY_DATASET",
     "FieldSpec",
     "PromptTemplate",
     "DataReport",
@@ -63,6 +64,8 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 DEFAULT_TEXT_FIELD = "text"
 DEMO_DATASET = "demo/arithmetic"
+# the same questions with 30% of the training answers off by one (work and final answer alike); test split clean
+DEMO_NOISY_DATASET = "demo/arithmetic_noisy"
 
 # --------------------------------------------------------------------------------------------------
 # Loading
@@ -200,8 +203,8 @@ def load_raw_dataset(
 ) -> DatasetDict:
     """Load a dataset as a ``DatasetDict`` from the hub, a local path, or the builtin demo.
 
-    ``name_or_path`` is, in order of precedence: ``"demo/arithmetic"`` (offline demo, see
-    ``make_demo_arithmetic``); an existing local file (.json/.jsonl/.csv/.parquet/.txt, loaded as the
+    ``name_or_path`` is, in order of precedence: ``"demo/arithmetic"`` or ``"demo/arithmetic_noisy"``
+    (offline demos, see ``make_demo_arithmetic``); an existing local file (.json/.jsonl/.csv/.parquet/.txt, loaded as the
     ``train`` split), directory of such files, or ``save_to_disk`` directory; otherwise a HuggingFace
     Hub dataset name, optionally ``"name:config"`` (or pass ``config_name``). A hub dataset that needs a
     config and gets none uses ``main``/``default``/the first config, with a warning.
@@ -211,6 +214,8 @@ def load_raw_dataset(
     """
     if name_or_path == DEMO_DATASET:
         return make_demo_arithmetic()
+    if name_or_path == DEMO_NOISY_DATASET:
+        return make_demo_arithmetic(wrong_fraction=0.3)
     path = Path(name_or_path).expanduser()
     if path.exists():
         dsd = _load_local(path, cache_dir)
@@ -260,11 +265,16 @@ def _demo_problem(rng: random.Random) -> tuple[str, str]:
     return question, f"{work}\n#### {result}"
 
 
-def make_demo_arithmetic(n_train: int = 2000, n_test: int = 200, seed: int = _DEMO_SEED) -> DatasetDict:
+def make_demo_arithmetic(
+    n_train: int = 2000, n_test: int = 200, seed: int = _DEMO_SEED, wrong_fraction: float = 0.0
+) -> DatasetDict:
     """Deterministic arithmetic word problems (``question``/``answer``), no question in both splits.
 
     Answers look like GSM8K (``"3 + 5 = 8\\n#### 8"``); with the default prompt template every
-    example is under 48 GPT-2 tokens, so a tiny model can learn it on CPU.
+    example is under 48 GPT-2 tokens, so a tiny model can learn it on CPU. ``wrong_fraction`` of the training
+    answers (chosen by ``seed``) get a result off by one, in the work and the final answer alike
+    (``"3 + 5 = 9\\n#### 9"``): SFT data from an unreliable source, which a verifier reward can correct and
+    SFT cannot. The questions and the test split do not depend on it.
     """
     rng = random.Random(seed)
     seen: dict[str, str] = {}
@@ -276,12 +286,25 @@ def make_demo_arithmetic(n_train: int = 2000, n_test: int = 200, seed: int = _DE
     else:
         raise ValueError(f"Cannot generate {n_train + n_test} distinct demo problems; ask for fewer.")
     questions, answers = list(seen), list(seen.values())
+    train_answers = answers[:n_train]
+    if wrong_fraction > 0:
+        wrong_rng = random.Random(seed + 1)
+        for index in wrong_rng.sample(range(n_train), round(wrong_fraction * n_train)):
+            train_answers[index] = _off_by_one(train_answers[index], wrong_rng)
     return DatasetDict(
         {
-            "train": Dataset.from_dict({"question": questions[:n_train], "answer": answers[:n_train]}),
+            "train": Dataset.from_dict({"question": questions[:n_train], "answer": train_answers}),
             "test": Dataset.from_dict({"question": questions[n_train:], "answer": answers[n_train:]}),
         }
     )
+
+
+def _off_by_one(answer: str, rng: random.Random) -> str:
+    """A demo answer ``"a op b = c\\n#### c"`` with c replaced by c + 1 or c - 1 (c + 1 when c - 1 < 0)."""
+    work, _ = answer.split("\n#### ")
+    left, result = work.rsplit(" = ", 1)
+    wrong = int(result) + (1 if int(result) == 0 or rng.random() < 0.5 else -1)
+    return f"{left} = {wrong}\n#### {wrong}"
 
 
 _FINAL_ANSWER_RE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")

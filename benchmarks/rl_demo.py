@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import subprocess
 import sys
@@ -67,14 +68,25 @@ ROWS = {
 }
 
 
-def continued_sft_overrides() -> list[str]:
-    """The control row: the demo SFT recipe continued from the start with the RL rows' number of updates, batch
-    size, learning rate (constant, no warmup) and EMA, read from configs/experiment/rl_demo.yaml. An RL gain
-    counts only where it beats this: the same updates on the reference answers instead of the method's data."""
+# task -> (its RL experiment config, the start's SFT dataset, the start's default run directory). "clean": the
+# demo as generated (reward checked_arithmetic); "noisy": the start fine-tuned on answers 30% off by one, RL
+# against a verifier (consistent_arithmetic) that needs no reference. Both are evaluated on the same clean test split.
+TASKS = {
+    "clean": ("rl_demo", "demo/arithmetic", "exp_local/demo/sft"),
+    "noisy": ("rl_demo_noisy", "demo/arithmetic_noisy", "exp_local/demo/sft_noisy"),
+}
+
+
+def continued_sft_overrides(task: str = "clean") -> list[str]:
+    """The control row: the demo SFT recipe continued from the start on the start's own SFT data with the RL rows'
+    number of updates, batch size, learning rate (constant, no warmup) and EMA, read from
+    configs/experiment/rl_demo.yaml. An RL gain counts only where it beats this: the same updates on the
+    reference answers instead of the method's data."""
     rl_demo = OmegaConf.load(ROOT / "configs" / "experiment" / "rl_demo.yaml")
     n_iters = rl_demo.training.n_iters
     return [
         "experiment=demo",
+        f"sft.dataset={TASKS[task][1]}",
         f"training.n_iters={n_iters}",
         f"training.batch_size={rl_demo.training.batch_size}",
         f"training.ema={rl_demo.training.ema}",
@@ -86,14 +98,14 @@ def continued_sft_overrides() -> list[str]:
     ]
 
 
-# trained rows: (entrypoint, overrides); the RL rows are `run_rl.py experiment=rl_demo` (its defaults are ReFT's)
-TRAINED = {
-    "sft_continued": ("sft.py", continued_sft_overrides()),
-    "reft": ("run_rl.py", ["experiment=rl_demo", "rl/method=reft"]),
-    "rwd": ("run_rl.py", ["experiment=rl_demo", "rl/method=rwd"]),
-    "pg": ("run_rl.py", ["experiment=rl_demo", "rl/method=pg"]),
-    "dpo_online": ("run_rl.py", ["experiment=rl_demo", "rl/method=dpo"]),
-}
+def trained_rows(task: str = "clean") -> dict[str, tuple[str, list[str]]]:
+    """The trained rows of `task`: name -> (entrypoint, overrides); the RL rows are `run_rl.py
+    experiment=rl_demo[_noisy] rl/method=...` (the experiment's defaults are ReFT's)."""
+    experiment = TASKS[task][0]
+    rows = {"sft_continued": ("sft.py", continued_sft_overrides(task))}
+    for name, method in (("reft", "reft"), ("rwd", "rwd"), ("pg", "pg"), ("dpo_online", "dpo")):
+        rows[name] = ("run_rl.py", [f"experiment={experiment}", f"rl/method={method}"])
+    return rows
 
 
 def run(command: list[str], log: Path, threads: int | None) -> float:
@@ -113,9 +125,9 @@ def run(command: list[str], log: Path, threads: int | None) -> float:
 
 
 def train(name: str, out: Path, args: argparse.Namespace) -> dict:
-    """A TRAINED row's run from the start; the run directory is reused when finished and `--reuse`."""
+    """A trained row's run from the start; the run directory is reused when finished and `--reuse`."""
     run_dir = out / name
-    entrypoint, overrides = TRAINED[name]
+    entrypoint, overrides = trained_rows(args.task)[name]
     prefix = "sft" if entrypoint == "sft.py" else "rl"
     command = [sys.executable, entrypoint, *overrides, f"{prefix}.pretrained_model={args.start}"]
     command += [f"hydra.run.dir={run_dir}", *(args.rl_overrides if prefix == "rl" else [])]
@@ -141,9 +153,9 @@ def evaluate(name: str, model: Path, out: Path, args: argparse.Namespace) -> dic
 def table(results: dict[str, dict]) -> str:
     """The results as a Markdown table (accuracy = mean over the prompts of one answer's correctness)."""
     lines = [
-        "| model / sampling | accuracy | answered | well-formed `#### N` | answer follows its work | guiding reward "
-        "| train s | eval s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model / sampling | accuracy | vs start (SE) | vs control (SE) | answered | well-formed `#### N` "
+        "| answer follows its work | guiding reward | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         s = r["eval"]["summary"]
@@ -151,11 +163,37 @@ def table(results: dict[str, dict]) -> str:
         train_s = r.get("train", {}).get("wall_s")
         reward_cell = "" if reward is None else f"{reward:.3f}"
         train_cell = "" if train_s is None else f"{train_s:.0f}"
+        versus = [
+            "" if r.get(key) is None else f"{r[key]['difference']:+.3f} ({r[key]['se']:.3f})"
+            for key in ("vs_start", "vs_control")
+        ]
         lines.append(
-            f"| {ROWS[name][0]} | {s['sample_accuracy']:.3f} | {s['answered']:.3f} | {r['format_rate']:.3f} | "
-            f"{r['follows_work_rate']:.3f} | {reward_cell} | {train_cell} | {r['eval']['wall_s']:.0f} |"
+            f"| {ROWS[name][0]} | {s['sample_accuracy']:.3f} | {versus[0]} | {versus[1]} | {s['answered']:.3f} | "
+            f"{r['format_rate']:.3f} | {r['follows_work_rate']:.3f} | {reward_cell} | {train_cell} | "
+            f"{r['eval']['wall_s']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def question_accuracies(eval_json: Path) -> list[float]:
+    """Each question's share of right answers in an evaluate.py --mode accuracy result file."""
+    examples = json.loads(eval_json.read_text(encoding="utf-8"))["accuracy"]["examples"]
+    return [sum(map(bool, e["correct"])) / len(e["correct"]) for e in examples]
+
+
+def paired_difference(rows: list[float], reference: list[float], draws: int = 2000, seed: int = 0) -> dict:
+    """Accuracy of `rows` minus `reference`, paired by question (the same prompts and seed), with its bootstrap
+    standard error over questions: a question's answers and both rows' answers to it move together, so this is
+    the noise a gap in the table must clear."""
+    if len(rows) != len(reference):
+        raise ValueError(f"rows answer {len(rows)} questions, the reference {len(reference)}")
+    differences = [a - b for a, b in zip(rows, reference, strict=True)]
+    n = len(differences)
+    rng = random.Random(seed)
+    means = [sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws)]
+    centre = sum(means) / draws
+    se = (sum((m - centre) ** 2 for m in means) / (draws - 1)) ** 0.5
+    return {"difference": sum(differences) / n, "se": se}
 
 
 def completions_of(eval_json: Path) -> list[str]:
@@ -175,11 +213,45 @@ def follows_work_rate(completions: list[str]) -> float:
     return sum(map(answer_follows_work, completions)) / len(completions)
 
 
+def answer_statistics(name: str, out: Path, results: dict[str, dict]) -> dict:
+    """What the table reads from row `name`'s answers (`out`/eval_<name>.json) beyond evaluate.py's summary: the
+    format and follows-work rates, and its accuracy against the start's and the control's rows when measured."""
+    completions = completions_of(out / f"eval_{name}.json")
+    stats = {"format_rate": format_rate(completions), "follows_work_rate": follows_work_rate(completions)}
+    accuracies = question_accuracies(out / f"eval_{name}.json")
+    for key, other in (("vs_start", "sft"), ("vs_control", "sft_continued")):
+        if other in results and name not in (other, "sft"):
+            stats[key] = paired_difference(accuracies, question_accuracies(out / f"eval_{other}.json"))
+    return stats
+
+
+def rescore(results_json: Path) -> int:
+    """Recompute the answer statistics of a finished benchmark's rows from the eval files in its `out` directory
+    (no training, no evaluation), write them back to `results_json` and print the table."""
+    stored = json.loads(results_json.read_text(encoding="utf-8"))
+    out = ROOT / stored["settings"]["out"]
+    results = stored["results"]
+    for name in results:
+        results[name].update(answer_statistics(name, out, results))
+    results_json.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
+    print(f"{table(results)}\n\nrescored from {out}: {results_json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--start", default="exp_local/demo/sft", help="the SFT run (or hub-format) directory")
+    parser.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default="clean",
+        help="clean: the demo as generated; noisy: a start fine-tuned on answers 30%% off by one, RL against a "
+        "verifier (configs/experiment/rl_demo_noisy.yaml)",
+    )
+    parser.add_argument(
+        "--start", default=None, help="the SFT run (or hub-format) directory (default: the task's start)"
+    )
     parser.add_argument(
         "--methods", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to measure"
     )
@@ -198,10 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rl_overrides", nargs="*", default=[], help="extra run_rl.py overrides (key=value) of the RL rows"
     )
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only recompute the table's answer statistics of a finished run from its eval files and print it",
+    )
     args = parser.parse_args(argv)
+    if args.rescore is not None:
+        return rescore(args.rescore)
+    args.start = args.start or TASKS[args.task][2]
     if not (ROOT / args.start / "hf_model").is_dir() and not (ROOT / args.start / "config.json").is_file():
         parser.error(
-            f"no model at {args.start}; run `python sft.py experiment=demo hydra.run.dir={args.start}`."
+            f"no model at {args.start}; run `python sft.py experiment=demo sft.dataset={TASKS[args.task][1]} "
+            f"hydra.run.dir={args.start}`."
         )
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -210,14 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.methods:
         entry: dict = {}
         model = ROOT / args.start
-        if name in TRAINED:
+        if name in trained_rows(args.task):
             entry["train"] = train(name, out, args)
             model = out / name
         entry["eval"] = evaluate(name, model, out, args)
-        completions = completions_of(out / f"eval_{name}.json")
-        entry["format_rate"] = format_rate(completions)
-        entry["follows_work_rate"] = follows_work_rate(completions)
         results[name] = entry
+        results[name].update(answer_statistics(name, out, results))
         (out / "results.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
     print(
         f"\n{table(results)}\n\n{args.prompts} test prompts x {args.num_samples} answers, {args.steps} steps, "

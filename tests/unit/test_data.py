@@ -610,6 +610,24 @@ def test_demo_arithmetic(tok):
     assert max(lengths) < 48
 
 
+def test_noisy_demo_arithmetic_corrupts_only_training_results():
+    """demo/arithmetic_noisy: the same questions and the same clean test split; exactly 30% of the training
+    answers have a result off by one, in the work and the final answer alike (still well-formed, never negative)."""
+    clean, noisy = make_demo_arithmetic(), load_raw_dataset(data.DEMO_NOISY_DATASET)
+    assert noisy["test"].to_dict() == clean["test"].to_dict()
+    assert noisy["train"]["question"] == clean["train"]["question"]
+    changed = 0
+    for right, given in zip(clean["train"]["answer"], noisy["train"]["answer"], strict=True):
+        if right == given:
+            continue
+        changed += 1
+        right_work, (work, final) = right.split("\n")[0], given.split("\n")
+        lhs, result = work.split(" = ")
+        assert lhs == right_work.split(" = ")[0] and abs(int(result) - eval(lhs)) == 1  # noqa: S307
+        assert final == f"#### {result}" and int(result) >= 0
+    assert changed == 600
+
+
 def test_extract_final_answer():
     assert extract_final_answer(GSM8K_ROWS[0]["answer"]) == "72"
     assert extract_final_answer("so\n#### 1,234") == "1234"

@@ -6,6 +6,8 @@ seed and sampler steps.
     python sft.py experiment=demo hydra.run.dir=exp_local/demo/sft     # the start (`make demo`)
     python benchmarks/rl_demo.py --threads 2                            # everything
     python benchmarks/rl_demo.py --methods sft sft_continued reft --num_samples 4   # a part of it
+    python benchmarks/rl_demo.py --task noisy            # from a start fine-tuned on noisy answers (make demo-noisy)
+    python benchmarks/rl_demo.py --rescore exp_local/demo/rl_benchmark/results.json  # a finished run's table again
 
 Every number comes from the real entrypoints, whose exact commands the script prints and records: `run_rl.py
 experiment=rl_demo rl/method=...` (the configs/experiment/rl_demo.yaml defaults) trains the RL rows, `sft.py
@@ -231,6 +233,12 @@ def rescore(results_json: Path) -> int:
     stored = json.loads(results_json.read_text(encoding="utf-8"))
     out = ROOT / stored["settings"]["out"]
     results = stored["results"]
+    missing = [name for name in results if not (out / f"eval_{name}.json").is_file()]
+    if missing:
+        raise SystemExit(
+            f"--rescore needs the run's eval files, and {out} lacks eval_{missing[0]}.json ({len(missing)} missing); "
+            "rerun the benchmark to make them."
+        )
     for name in results:
         results[name].update(answer_statistics(name, out, results))
     results_json.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")

@@ -95,3 +95,6 @@ def test_rescore_rebuilds_the_table_from_eval_files(tmp_path, capsys):
     assert results["reft"]["vs_start"]["difference"] == 0.5  # (1 - 0.5 + 0.5 - 0) / 2
     assert results["reft"]["follows_work_rate"] == 1.0 and results["sft"]["format_rate"] == 1.0
     assert "+0.500" in capsys.readouterr().out
+    (tmp_path / "eval_reft.json").unlink()
+    with pytest.raises(SystemExit, match="lacks eval_reft.json"):
+        main(["--rescore", str(results_json)])

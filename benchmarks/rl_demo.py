@@ -126,10 +126,11 @@ def run(command: list[str], log: Path, threads: int | None) -> float:
     return wall
 
 
-def train(name: str, out: Path, args: argparse.Namespace) -> dict:
-    """A trained row's run from the start; the run directory is reused when finished and `--reuse`."""
+def train(name: str, row: tuple[str, list[str]], out: Path, args: argparse.Namespace) -> dict:
+    """Trained row `name` = (entrypoint, overrides) run from the start; the run directory is reused when finished
+    and `--reuse`."""
     run_dir = out / name
-    entrypoint, overrides = trained_rows(args.task)[name]
+    entrypoint, overrides = row
     prefix = "sft" if entrypoint == "sft.py" else "rl"
     command = [sys.executable, entrypoint, *overrides, f"{prefix}.pretrained_model={args.start}"]
     command += [f"hydra.run.dir={run_dir}", *(args.rl_overrides if prefix == "rl" else [])]
@@ -177,9 +178,13 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def question_accuracies(eval_json: Path) -> list[float]:
-    """Each question's share of right answers in an evaluate.py --mode accuracy result file."""
-    examples = json.loads(eval_json.read_text(encoding="utf-8"))["accuracy"]["examples"]
+def eval_examples(eval_json: Path) -> list[dict]:
+    """The per-question examples of an evaluate.py --mode accuracy result file."""
+    return json.loads(eval_json.read_text(encoding="utf-8"))["accuracy"]["examples"]
+
+
+def question_accuracies(examples: list[dict]) -> list[float]:
+    """Each question's share of right answers."""
     return [sum(map(bool, e["correct"])) / len(e["correct"]) for e in examples]
 
 
@@ -198,9 +203,8 @@ def paired_difference(rows: list[float], reference: list[float], draws: int = 20
     return {"difference": sum(differences) / n, "se": se}
 
 
-def completions_of(eval_json: Path) -> list[str]:
-    """Every answer of an evaluate.py --mode accuracy result file."""
-    examples = json.loads(eval_json.read_text(encoding="utf-8"))["accuracy"]["examples"]
+def completions_of(examples: list[dict]) -> list[str]:
+    """Every answer of every question."""
     return [c for e in examples for c in e["completions"]]
 
 
@@ -218,12 +222,14 @@ def follows_work_rate(completions: list[str]) -> float:
 def answer_statistics(name: str, out: Path, results: dict[str, dict]) -> dict:
     """What the table reads from row `name`'s answers (`out`/eval_<name>.json) beyond evaluate.py's summary: the
     format and follows-work rates, and its accuracy against the start's and the control's rows when measured."""
-    completions = completions_of(out / f"eval_{name}.json")
+    examples = eval_examples(out / f"eval_{name}.json")
+    completions = completions_of(examples)
     stats = {"format_rate": format_rate(completions), "follows_work_rate": follows_work_rate(completions)}
-    accuracies = question_accuracies(out / f"eval_{name}.json")
+    accuracies = question_accuracies(examples)
     for key, other in (("vs_start", "sft"), ("vs_control", "sft_continued")):
         if other in results and name not in (other, "sft"):
-            stats[key] = paired_difference(accuracies, question_accuracies(out / f"eval_{other}.json"))
+            reference = question_accuracies(eval_examples(out / f"eval_{other}.json"))
+            stats[key] = paired_difference(accuracies, reference)
     return stats
 
 
@@ -297,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    trained = trained_rows(args.task)
     results: dict[str, dict] = {}
     for name in args.methods:
         entry: dict = {}
         model = ROOT / args.start
-        if name in trained_rows(args.task):
-            entry["train"] = train(name, out, args)
+        if name in trained:
+            entry["train"] = train(name, trained[name], out, args)
             model = out / name
         entry["eval"] = evaluate(name, model, out, args)
         results[name] = entry

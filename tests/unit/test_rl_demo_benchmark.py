@@ -39,7 +39,7 @@ def test_follows_work_and_format_rates_read_every_answer(tmp_path):
     """The table's rates are shares of all answers of an evaluate.py result file (4 here, over 2 questions)."""
     import json
 
-    from benchmarks.rl_demo import completions_of, follows_work_rate, format_rate
+    from benchmarks.rl_demo import completions_of, eval_examples, follows_work_rate, format_rate
 
     examples = [
         {"completions": ["3 + 5 = 8\n#### 8", "3 + 5 = 9\n#### 9"]},  # follows (true), follows (false)
@@ -47,7 +47,7 @@ def test_follows_work_and_format_rates_read_every_answer(tmp_path):
     ]
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"accuracy": {"examples": examples}}))
-    completions = completions_of(path)
+    completions = completions_of(eval_examples(path))
     assert follows_work_rate(completions) == 0.5
     assert format_rate(completions) == 0.75
 

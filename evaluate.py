@@ -41,6 +41,7 @@ import utils
 from answers import extract_answer, grade_samples, summarize_grades
 from generation import (
     PromptFormat,
+    add_compile_arg,
     encode_prompts,
     load_text_model,
     prompt_format,
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the samples and of the likelihood's t-draws")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--precision", choices=["auto", *PRECISIONS], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    add_compile_arg(parser)
     add_guidance_args(parser)  # accuracy: reward-guided answers (--guidance svdd|best_of_n --reward ...)
     return parser
 
@@ -320,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = utils.resolve_device(args.device)
     run = {"device": device, "precision": resolve_precision(args.precision, device), "seed": args.seed}
     torch.manual_seed(args.seed)
-    model, graph, noise, tokenizer = load_text_model(args.model_path, device)
+    model, graph, noise, tokenizer = load_text_model(args.model_path, device, compile=args.compile)
 
     modes = [m for m in MODES if m in args.mode]
     # load the causal LM first: a missing one fails the run now, not after the sampling

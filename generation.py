@@ -6,6 +6,7 @@ Used by sft.py (validation samples), run_sample.py, evaluate.py and the RL rollo
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,9 +148,20 @@ class PromptFormat:
         return PromptTemplate(prompt=self.template or "{question}", thinking_response=self.thinking_template)
 
 
-def load_text_model(model_path: str | Path, device: torch.device | str = "cpu"):
+def add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    """run_sample.py's and evaluate.py's `--compile` (for `load_text_model`)."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer blocks: on an H100 the sampler runs 1.26x faster "
+        "(benchmarks/README.md); the first batch of each shape compiles (about a minute)",
+    )
+
+
+def load_text_model(model_path: str | Path, device: torch.device | str = "cpu", compile: bool = False):
     """`load_model.load_model` plus the GPT-2 tokenizer: `(model, graph, noise, tokenizer)`, the model in eval
-    mode. Raises ValueError when the model's vocabulary is not GPT-2's (its text cannot be decoded)."""
+    mode, its blocks compiled when `compile` (`SEDD.compile_blocks`). Raises ValueError when the model's
+    vocabulary is not GPT-2's (its text cannot be decoded)."""
     from load_model import load_model
     from tokenizer import get_tokenizer
 
@@ -160,6 +172,8 @@ def load_text_model(model_path: str | Path, device: torch.device | str = "cpu"):
             f"{model_path} has {model.arch.tokens} tokens but the GPT-2 tokenizer has {len(tokenizer)}; text "
             "generation and evaluation decode with GPT-2, so they need a model of the GPT-2 vocabulary."
         )
+    if compile:
+        model.compile_blocks()
     return model, graph, noise, tokenizer
 
 

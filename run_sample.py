@@ -31,7 +31,7 @@ import torch
 
 import recipe
 import utils
-from generation import load_text_model, prompt_format, sample_canvases
+from generation import add_compile_arg, load_text_model, prompt_format, sample_canvases
 from rl.guidance import add_guidance_args, check_guidance_args, guidance_from_args, prompted_answers
 from training import PRECISIONS, resolve_precision
 
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--precision", choices=["auto", *PRECISIONS], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     add("--format", choices=["text", "jsonl"], default="text", help="output format")
+    add_compile_arg(parser)
     add("--output", default=None, help="write the samples to this file instead of stdout")
     add_guidance_args(parser)  # prompted answers: reward-guided (--guidance svdd|best_of_n --reward ...)
     return parser
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)
 
-    model, graph, noise, tokenizer = load_text_model(args.model_path, device)
+    model, graph, noise, tokenizer = load_text_model(args.model_path, device, compile=args.compile)
     common = dict(
         predictor=args.predictor,
         device=device,

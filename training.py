@@ -66,8 +66,7 @@ def prepare_model(
     if activation_checkpointing:
         model.activation_checkpointing = True
     if compile:
-        for block in model.blocks:
-            block.compile(mode=compile_mode)
+        model.compile_blocks(compile_mode)
     return DistributedDataParallel(model) if distributed else model
 
 

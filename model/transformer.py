@@ -204,6 +204,13 @@ class SEDD(nn.Module, PyTorchModelHubMixin, library_name="sedd", tags=["sedd", "
     def vocab_size(self) -> int:
         return self.arch.vocab_size
 
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """`torch.compile` each transformer block in place (parameter and state-dict names unchanged), with
+        torch.compile's `mode` (None: its default). The blocks are most of a step's work; the first calls at each
+        new shape compile. Measured in benchmarks/README.md (`bench.py --compile`)."""
+        for block in self.blocks:
+            block.compile(mode=mode)
+
     def forward(
         self,
         indices: torch.Tensor,

@@ -191,3 +191,26 @@ def test_cli_end_to_end(tmp_path, tokenizer, yes_id, capsys):
                             "--prefix", "Hello", "--suffix", " bye"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert printed.count("[sample ") == 2 and printed.count("Hello") == 2 and printed.count(" bye") == 2
+
+
+def test_compile_flag_compiles_the_blocks_and_keeps_the_answers(tmp_path):
+    """run_sample.py --compile: the transformer blocks go through torch.compile (inductor's CPU backend here),
+    the state-dict names stay those of the checkpoint, and the same seed gives the eager model's answers."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_sedd()
+    names = list(model.state_dict())
+    model_dir = save_hub_model(tmp_path / "model", model, {"max_length": 40, "pad_with_eos": True})
+    tokens = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"answers{len(flags)}.jsonl"
+        assert run_sample.main(["--model_path", str(model_dir), "--prompt", PROMPTS[1], "--num_samples", "2",
+                                "--steps", "4", "--seed", "3", "--format", "jsonl", "--output", str(out),
+                                *flags]) == 0  # fmt: skip
+        tokens[bool(flags)] = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks were compiled
+    assert tokens[True] == tokens[False] and len(tokens[True]) == 2
+    model.compile_blocks()
+    assert list(model.state_dict()) == names

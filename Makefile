@@ -1,13 +1,12 @@
 # make setup   install the dependencies (CPU torch by default; TORCH_SPEC="torch" for your CUDA build)
 # make demo    offline CPU demo: SFT of a small SEDD on arithmetic (15-20 min on 2 cores), then evaluation
 # make demo-noisy  the RL demo's second start: the same SFT on answers 30% off by one (demo/arithmetic_noisy)
-# make demo-mixed  the third: the same SFT on a careful and a careless source (demo/arithmetic_mixed)
 # make test    the test suite (CPU, no network)
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: setup test demo demo-noisy demo-mixed lint format
+.PHONY: setup test demo demo-noisy lint format
 
 setup:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -22,9 +21,6 @@ demo:
 
 demo-noisy:
 	HF_HUB_OFFLINE=1 $(PYTHON) sft.py experiment=demo sft.dataset=demo/arithmetic_noisy hydra.run.dir=exp_local/demo/sft_noisy
-
-demo-mixed:
-	HF_HUB_OFFLINE=1 $(PYTHON) sft.py experiment=demo sft.dataset=demo/arithmetic_mixed hydra.run.dir=exp_local/demo/sft_mixed
 
 lint:
 	$(PYTHON) -m ruff check .

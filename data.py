@@ -42,7 +42,6 @@ __all__ = [
     "DEFAULT_TEXT_FIELD",
     "DEMO_DATASET",
     "DEMO_NOISY_DATASET",
-    "DEMO_MIXED_DATASET",
     "FieldSpec",
     "PromptTemplate",
     "DataReport",
@@ -67,9 +66,6 @@ DEFAULT_TEXT_FIELD = "text"
 DEMO_DATASET = "demo/arithmetic"
 # the same questions with 30% of the training answers off by one (work and final answer alike); test split clean
 DEMO_NOISY_DATASET = "demo/arithmetic_noisy"
-# the same questions with half the training answers from a careless source: the final answer alone, off by one
-# half the time (the other half keeps its work and is right); test split clean
-DEMO_MIXED_DATASET = "demo/arithmetic_mixed"
 
 # --------------------------------------------------------------------------------------------------
 # Loading
@@ -207,8 +203,8 @@ def load_raw_dataset(
 ) -> DatasetDict:
     """Load a dataset as a ``DatasetDict`` from the hub, a local path, or the builtin demo.
 
-    ``name_or_path`` is, in order of precedence: ``"demo/arithmetic"``, ``"demo/arithmetic_noisy"`` or
-    ``"demo/arithmetic_mixed"`` (offline demos, see ``make_demo_arithmetic``); an existing local file (.json/.jsonl/.csv/.parquet/.txt, loaded as the
+    ``name_or_path`` is, in order of precedence: ``"demo/arithmetic"`` or ``"demo/arithmetic_noisy"``
+    (offline demos, see ``make_demo_arithmetic``); an existing local file (.json/.jsonl/.csv/.parquet/.txt, loaded as the
     ``train`` split), directory of such files, or ``save_to_disk`` directory; otherwise a HuggingFace
     Hub dataset name, optionally ``"name:config"`` (or pass ``config_name``). A hub dataset that needs a
     config and gets none uses ``main``/``default``/the first config, with a warning.
@@ -220,8 +216,6 @@ def load_raw_dataset(
         return make_demo_arithmetic()
     if name_or_path == DEMO_NOISY_DATASET:
         return make_demo_arithmetic(wrong_fraction=0.3)
-    if name_or_path == DEMO_MIXED_DATASET:
-        return make_demo_arithmetic(terse_fraction=0.5)
     path = Path(name_or_path).expanduser()
     if path.exists():
         dsd = _load_local(path, cache_dir)
@@ -272,11 +266,7 @@ def _demo_problem(rng: random.Random) -> tuple[str, str]:
 
 
 def make_demo_arithmetic(
-    n_train: int = 2000,
-    n_test: int = 200,
-    seed: int = _DEMO_SEED,
-    wrong_fraction: float = 0.0,
-    terse_fraction: float = 0.0,
+    n_train: int = 2000, n_test: int = 200, seed: int = _DEMO_SEED, wrong_fraction: float = 0.0
 ) -> DatasetDict:
     """Deterministic arithmetic word problems (``question``/``answer``), no question in both splits.
 
@@ -284,16 +274,8 @@ def make_demo_arithmetic(
     example is under 48 GPT-2 tokens, so a tiny model can learn it on CPU. ``wrong_fraction`` of the training
     answers (chosen by ``seed``) get a result off by one, in the work and the final answer alike
     (``"3 + 5 = 9\\n#### 9"``): SFT data from an unreliable source, which a verifier reward can correct and
-    SFT cannot. ``terse_fraction`` of the training answers (chosen among the rest) come from a careless source
-    instead: the final answer alone (``"#### 8"``), off by one for half of them. SFT learns both styles; a reward
-    that checks the work can teach the model to prefer the reliable one. The questions and the test split depend
-    on neither.
+    SFT cannot. The questions and the test split do not depend on it.
     """
-    if wrong_fraction + terse_fraction > 1:
-        raise ValueError(
-            f"wrong_fraction ({wrong_fraction}) + terse_fraction ({terse_fraction}) is over 1: they pick "
-            "disjoint sets of training answers."
-        )
     rng = random.Random(seed)
     seen: dict[str, str] = {}
     for _ in range(50 * (n_train + n_test)):
@@ -305,18 +287,10 @@ def make_demo_arithmetic(
         raise ValueError(f"Cannot generate {n_train + n_test} distinct demo problems; ask for fewer.")
     questions, answers = list(seen), list(seen.values())
     train_answers = answers[:n_train]
-    wrong: list[int] = []
     if wrong_fraction > 0:
         wrong_rng = random.Random(seed + 1)
-        wrong = wrong_rng.sample(range(n_train), round(wrong_fraction * n_train))
-        for index in wrong:
+        for index in wrong_rng.sample(range(n_train), round(wrong_fraction * n_train)):
             train_answers[index] = _off_by_one(train_answers[index], wrong_rng)
-    if terse_fraction > 0:
-        terse_rng = random.Random(seed + 2)
-        untouched = sorted(set(range(n_train)) - set(wrong))
-        for rank, index in enumerate(terse_rng.sample(untouched, round(terse_fraction * n_train))):
-            answer = _off_by_one(train_answers[index], terse_rng) if rank % 2 else train_answers[index]
-            train_answers[index] = answer.split("\n")[-1]
     return DatasetDict(
         {
             "train": Dataset.from_dict({"question": questions[:n_train], "answer": train_answers}),

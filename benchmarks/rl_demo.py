@@ -7,7 +7,6 @@ seed and sampler steps.
     python benchmarks/rl_demo.py --threads 2                            # everything
     python benchmarks/rl_demo.py --methods sft sft_continued reft --num_samples 4   # a part of it
     python benchmarks/rl_demo.py --task noisy            # from a start fine-tuned on noisy answers (make demo-noisy)
-    python benchmarks/rl_demo.py --task mixed            # from a start fine-tuned on two sources (make demo-mixed)
     python benchmarks/rl_demo.py --rescore exp_local/demo/rl_benchmark/results.json  # a finished run's table again
 
 Every number comes from the real entrypoints, whose exact commands the script prints and records: `run_rl.py
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))  # the repository's modules (rl.rewards) when run 
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from rl.rewards import answer_follows_work, format_reward, shows_work  # noqa: E402
+from rl.rewards import answer_follows_work, format_reward  # noqa: E402
 
 FORMAT_PATTERN = r"####\s*-?\d+\s*$"
 
@@ -73,13 +72,10 @@ ROWS = {
 
 # task -> (its RL experiment config, the start's SFT dataset, the start's default run directory). "clean": the
 # demo as generated (reward checked_arithmetic); "noisy": the start fine-tuned on answers 30% off by one, RL
-# against a verifier (consistent_arithmetic) that needs no reference; "mixed": the start fine-tuned on answers
-# from a careful source (work shown, right) and a careless one (final answer alone, off by one half the time), RL
-# against the same verifier. All are evaluated on the same clean test split.
+# against a verifier (consistent_arithmetic) that needs no reference. Both are evaluated on the same clean test split.
 TASKS = {
     "clean": ("rl_demo", "demo/arithmetic", "exp_local/demo/sft"),
     "noisy": ("rl_demo_noisy", "demo/arithmetic_noisy", "exp_local/demo/sft_noisy"),
-    "mixed": ("rl_demo_mixed", "demo/arithmetic_mixed", "exp_local/demo/sft_mixed"),
 }
 
 
@@ -106,7 +102,7 @@ def continued_sft_overrides(task: str = "clean") -> list[str]:
 
 def trained_rows(task: str = "clean") -> dict[str, tuple[str, list[str]]]:
     """The trained rows of `task`: name -> (entrypoint, overrides); the RL rows are `run_rl.py
-    experiment=rl_demo[_noisy|_mixed] rl/method=...` (the experiment's defaults are ReFT's)."""
+    experiment=rl_demo[_noisy] rl/method=...` (the experiment's defaults are ReFT's)."""
     experiment = TASKS[task][0]
     rows = {"sft_continued": ("sft.py", continued_sft_overrides(task))}
     for name, method in (("reft", "reft"), ("rwd", "rwd"), ("pg", "pg"), ("dpo_online", "dpo")):
@@ -161,8 +157,8 @@ def table(results: dict[str, dict]) -> str:
     """The results as a Markdown table (accuracy = mean over the prompts of one answer's correctness)."""
     lines = [
         "| model / sampling | accuracy | vs start (SE) | vs control (SE) | answered | well-formed `#### N` "
-        "| shows work | answer follows its work | guiding reward | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| answer follows its work | guiding reward | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         s = r["eval"]["summary"]
@@ -170,14 +166,13 @@ def table(results: dict[str, dict]) -> str:
         train_s = r.get("train", {}).get("wall_s")
         reward_cell = "" if reward is None else f"{reward:.3f}"
         train_cell = "" if train_s is None else f"{train_s:.0f}"
-        work_cell = "" if r.get("work_rate") is None else f"{r['work_rate']:.3f}"
         versus = [
             "" if r.get(key) is None else f"{r[key]['difference']:+.3f} ({r[key]['se']:.3f})"
             for key in ("vs_start", "vs_control")
         ]
         lines.append(
             f"| {ROWS[name][0]} | {s['sample_accuracy']:.3f} | {versus[0]} | {versus[1]} | {s['answered']:.3f} | "
-            f"{r['format_rate']:.3f} | {work_cell} | {r['follows_work_rate']:.3f} | {reward_cell} | {train_cell} | "
+            f"{r['format_rate']:.3f} | {r['follows_work_rate']:.3f} | {reward_cell} | {train_cell} | "
             f"{r['eval']['wall_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -218,11 +213,6 @@ def format_rate(completions: list[str]) -> float:
     return sum(format_reward([""] * len(completions), completions, pattern=FORMAT_PATTERN)) / len(completions)
 
 
-def work_rate(completions: list[str]) -> float:
-    """The share of answers that show a worked equation before `#### N` (the careful source's style)."""
-    return sum(map(shows_work, completions)) / len(completions)
-
-
 def follows_work_rate(completions: list[str]) -> float:
     """The share of answers whose `#### N` is the result of their own last worked equation, true or not: a
     joint property of tokens the sampler unmasks in parallel, which the reward asks for and SFT does not teach."""
@@ -231,14 +221,10 @@ def follows_work_rate(completions: list[str]) -> float:
 
 def answer_statistics(name: str, out: Path, results: dict[str, dict]) -> dict:
     """What the table reads from row `name`'s answers (`out`/eval_<name>.json) beyond evaluate.py's summary: the
-    format, shows-work and follows-work rates, and its accuracy against the start's and the control's rows when measured."""
+    format and follows-work rates, and its accuracy against the start's and the control's rows when measured."""
     examples = eval_examples(out / f"eval_{name}.json")
     completions = completions_of(examples)
-    stats = {
-        "format_rate": format_rate(completions),
-        "work_rate": work_rate(completions),
-        "follows_work_rate": follows_work_rate(completions),
-    }
+    stats = {"format_rate": format_rate(completions), "follows_work_rate": follows_work_rate(completions)}
     accuracies = question_accuracies(examples)
     for key, other in (("vs_start", "sft"), ("vs_control", "sft_continued")):
         if other in results and name not in (other, "sft"):
@@ -275,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(TASKS),
         default="clean",
         help="clean: the demo as generated; noisy: a start fine-tuned on answers 30%% off by one, RL against a "
-        "verifier (configs/experiment/rl_demo_noisy.yaml); mixed: a start fine-tuned on a careful and a careless "
-        "source (half the answers terse, half of those off by one), RL against the same verifier",
+        "verifier (configs/experiment/rl_demo_noisy.yaml)",
     )
     parser.add_argument(
         "--start", default=None, help="the SFT run (or hub-format) directory (default: the task's start)"

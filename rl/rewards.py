@@ -39,7 +39,6 @@ __all__ = [
     "math_verify_match",
     "checked_arithmetic",
     "consistent_arithmetic",
-    "shows_work",
     "format_reward",
     "length_penalty",
     "RewardModel",
@@ -181,11 +180,6 @@ def checked_arithmetic(
         float(r == 1.0 and equations_hold(c.split("####")[0]))
         for r, c in zip(right, completions, strict=True)
     ]
-
-
-def shows_work(completion: str) -> bool:
-    """True when the completion has a worked equation (`a op b = c`) before its `#### N` answer, true or not."""
-    return bool(_EQUATION_RE.search(completion.partition("####")[0]))
 
 
 def answer_follows_work(completion: str) -> bool:

@@ -628,28 +628,6 @@ def test_noisy_demo_arithmetic_corrupts_only_training_results():
     assert changed == 600
 
 
-def test_mixed_demo_arithmetic_has_a_careless_terse_source():
-    """demo/arithmetic_mixed: the same questions and clean test split; exactly half the training answers are the
-    final answer alone, half of those off by one; every other answer is the clean one, work included."""
-    clean, mixed = make_demo_arithmetic(), load_raw_dataset(data.DEMO_MIXED_DATASET)
-    assert mixed["test"].to_dict() == clean["test"].to_dict()
-    assert mixed["train"]["question"] == clean["train"]["question"]
-    terse = wrong = 0
-    for right, given in zip(clean["train"]["answer"], mixed["train"]["answer"], strict=True):
-        if given == right:
-            continue
-        terse += 1
-        right_value, value = int(right.split("#### ")[1]), int(given.removeprefix("#### "))
-        assert given == f"#### {value}" and value >= 0 and abs(value - right_value) <= 1
-        wrong += value != right_value
-    assert (terse, wrong) == (1000, 500)
-
-
-def test_demo_arithmetic_refuses_overlapping_fractions():
-    with pytest.raises(ValueError, match="over 1"):
-        make_demo_arithmetic(wrong_fraction=0.6, terse_fraction=0.5)
-
-
 def test_extract_final_answer():
     assert extract_final_answer(GSM8K_ROWS[0]["answer"]) == "72"
     assert extract_final_answer("so\n#### 1,234") == "1234"

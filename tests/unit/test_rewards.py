@@ -22,7 +22,6 @@ from rl.rewards import (
     load_reward,
     math_verify_match,
     score,
-    shows_work,
 )
 
 GSM8K_REFERENCE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
@@ -179,9 +178,6 @@ def test_consistent_arithmetic_needs_no_reference():
     assert build_reward("consistent_arithmetic")(["q"], completions[:1]) == [1.0]
     # the answer follows the work (true or false) in the first two and the two-step one only
     assert [answer_follows_work(c) for c in completions] == [True, True, False, True, False, False]
-    # every answer but the terse one and the empty one shows work, true or not
-    assert [shows_work(c) for c in completions] == [True, True, True, True, False, False]
-    assert not shows_work("#### 5 + 3 = 8")  # an equation after the answer marker is not work
 
 
 def test_equations_hold_evaluates_plain_arithmetic_only():

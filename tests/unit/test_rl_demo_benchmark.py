@@ -13,8 +13,8 @@ from tests.rl_helpers import CONFIG_DIR
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_continued_sft_control_matches_the_rl_demo_updates(task):
-    """Each task's control trains on the start's SFT data (for "noisy" and "mixed", their imperfect answers) with the RL rows'
-    updates, batch, lr and EMA, from the task's start; the noisy and mixed RL rows use the verifier reward."""
+    """Each task's control trains on the start's SFT data (for "noisy", the noisy answers) with the RL rows'
+    updates, batch, lr and EMA, from the task's start; the noisy RL rows use the verifier reward."""
     recipe.register_resolvers()
     experiment, dataset, start = TASKS[task]
     rows = trained_rows(task)
@@ -28,7 +28,7 @@ def test_continued_sft_control_matches_the_rl_demo_updates(task):
     assert sft.optim.lr == rl.optim.lr and sft.optim.warmup == 0 and sft.optim.schedule == "constant"
     assert sft.sft.dataset == rl.rl.dataset == dataset and rl.rl.pretrained_model == start
     assert sft.training.n_iters % sft.training.snapshot_freq == 0  # the control exports its final model
-    reward = {"clean": "checked_arithmetic"}.get(task, "consistent_arithmetic")  # noisy, mixed: the verifier
+    reward = {"clean": "checked_arithmetic", "noisy": "consistent_arithmetic"}[task]
     assert rl.reward._target_ == f"rl.rewards.{reward}"
     for name, (entrypoint, overrides) in rows.items():
         if entrypoint == "run_rl.py":
@@ -39,19 +39,17 @@ def test_follows_work_and_format_rates_read_every_answer(tmp_path):
     """The table's rates are shares of all answers of an evaluate.py result file (4 here, over 2 questions)."""
     import json
 
-    from benchmarks.rl_demo import completions_of, eval_examples, follows_work_rate, format_rate, work_rate
+    from benchmarks.rl_demo import completions_of, eval_examples, follows_work_rate, format_rate
 
     examples = [
         {"completions": ["3 + 5 = 8\n#### 8", "3 + 5 = 9\n#### 9"]},  # follows (true), follows (false)
-        {"completions": ["3 + 5 = 8\n#### 9", "#### 8"]},  # does not follow, terse (no work)
+        {"completions": ["3 + 5 = 8\n#### 9", "eight"]},  # does not follow, no work or answer
     ]
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"accuracy": {"examples": examples}}))
     completions = completions_of(eval_examples(path))
     assert follows_work_rate(completions) == 0.5
-    assert format_rate(completions) == 1.0
-    assert work_rate(completions) == 0.75
-    assert work_rate(["eight", "#### 3 + 5 = 8", "x\n#### 8"]) == 0.0
+    assert format_rate(completions) == 0.75
 
 
 def test_paired_difference_and_its_bootstrap_error():

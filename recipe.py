@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 import utils
 from checkpoint import load_checkpoint, save_checkpoint
-from training import StepResult, TrainState, validate_checkpoint_for
+from model.ema import ExponentialMovingAverage
+from training import StepResult, TrainState, optimizer_from_config, prepare_model, validate_checkpoint_for
 
 RUN_CONFIG_NAME = "run_config.yaml"
 EXPORT_DIR = "hf_model"
@@ -258,6 +259,36 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------- training state
+def build_train_state(
+    model: torch.nn.Module, cfg: DictConfig, precision: str, distributed: bool, run_dir: Path, logger
+) -> tuple[TrainState, torch.nn.Module]:
+    """An entrypoint's training state and the module its step calls.
+
+    The state: `cfg.optim`'s optimizer and schedule over the trainable parameters, their EMA
+    (`cfg.training.ema`) and a GradScaler for fp16, resumed from `run_dir`'s newest checkpoint when there is
+    one. The module: `training.prepare_model` with `cfg.training`'s activation checkpointing and compile, in
+    DDP when `distributed`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = optimizer_from_config(params, cfg.optim, cfg.training.n_iters)
+    state = TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ExponentialMovingAverage(params, decay=cfg.training.ema),
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+    )
+    resume_state(state, run_dir, logger)
+    forward_model = prepare_model(
+        model,
+        activation_checkpointing=cfg.training.activation_checkpointing,
+        compile=cfg.training.compile,
+        distributed=distributed,
+    )
+    return state, forward_model
 
 
 # ----------------------------------------------------------------------------- checkpoints

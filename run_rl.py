@@ -41,14 +41,13 @@ import utils
 from generation import GENERATION_CONFIG_FILE, PromptFormat, prompt_format, write_jsonl
 from load_model import load_pretrained
 from model import SEDD
-from model.ema import ExponentialMovingAverage
 from rl.buffer import ExampleBuffer, Selection, gather, micro_batches, weighted_batch_loss
 from rl.kl import elbo_kl
 from rl.rewards import exact_match, score
 from rl.rollout import PromptSet, Rollout, build_prompt_set, generate_rollouts, policy_weights, summary
 from rl.rwd import OfflineGroups, load_offline
 from tokenizer import get_tokenizer
-from training import TrainState, optimizer_from_config, prepare_model, resolve_precision, train_step
+from training import TrainState, resolve_precision, train_step
 
 recipe.register_resolvers()
 ROLLOUT_WEIGHTS = ("live", "ema")
@@ -307,23 +306,7 @@ def run_rl(cfg: DictConfig) -> str:
         else None
     )
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = cfg.optim
-    optimizer, scheduler = optimizer_from_config(params, optim, cfg.training.n_iters)
-    state = TrainState(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        ema=ExponentialMovingAverage(params, decay=cfg.training.ema),
-        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
-    )
-    recipe.resume_state(state, run_dir, logger)
-    forward_model = prepare_model(
-        model,
-        activation_checkpointing=cfg.training.activation_checkpointing,
-        compile=cfg.training.compile,
-        distributed=world > 1,
-    )
+    state, forward_model = recipe.build_train_state(model, cfg, precision, world > 1, run_dir, logger)
     buffer = ExampleBuffer.from_state_dict(state.extra.get("rl"))
 
     per_rank_prompts = cfg.rl.prompts_per_iter // world
@@ -496,7 +479,13 @@ def run_rl(cfg: DictConfig) -> str:
             collate_fn=None if scorer is None else functools.partial(method.collate, scorer=scorer),
         )
         result = train_step(
-            st, forward_model, batches, loss_fn, precision=precision, device=device, grad_clip=optim.grad_clip
+            st,
+            forward_model,
+            batches,
+            loss_fn,
+            precision=precision,
+            device=device,
+            grad_clip=cfg.optim.grad_clip,
         )
         st.extra["rl"] = buffer.state_dict()
         if loss_metrics and (st.step % cfg.training.log_freq == 0 or st.step >= cfg.training.n_iters):

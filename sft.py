@@ -28,15 +28,12 @@ import recipe
 import utils
 from load_model import load_pretrained
 from model import SEDD
-from model.ema import ExponentialMovingAverage
 from tokenizer import get_tokenizer
 from training import (
     TrainState,
     batch_loss,
     evaluate_loss,
     example_noise,
-    optimizer_from_config,
-    prepare_model,
     resolve_precision,
     to_device,
     train_step,
@@ -172,23 +169,7 @@ def run_sft(cfg: DictConfig) -> str:
     logger.info(
         f"Model: {utils.count_parameters(model) / 1e6:.1f}M parameters ({utils.count_parameters(model, True) / 1e6:.1f}M trainable)"
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = cfg.optim
-    optimizer, scheduler = optimizer_from_config(params, optim, cfg.training.n_iters)
-    state = TrainState(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        ema=ExponentialMovingAverage(params, decay=cfg.training.ema),
-        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
-    )
-    recipe.resume_state(state, run_dir, logger)
-    forward_model = prepare_model(
-        model,
-        activation_checkpointing=cfg.training.activation_checkpointing,
-        compile=cfg.training.compile,
-        distributed=world > 1,
-    )
+    state, forward_model = recipe.build_train_state(model, cfg, precision, world > 1, run_dir, logger)
 
     per_rank = cfg.training.batch_size // world
     micro = recipe.check_batch_layout(cfg.training.batch_size, cfg.training.accum, world)
@@ -223,7 +204,7 @@ def run_sft(cfg: DictConfig) -> str:
             loss_fn,
             precision=precision,
             device=device,
-            grad_clip=optim.grad_clip,
+            grad_clip=cfg.optim.grad_clip,
         )
 
     n_eval = min(len(valid), cfg.training.eval_examples)

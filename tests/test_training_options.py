@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import recipe
 import sft
 import training
 from checkpoint import load_checkpoint
@@ -22,7 +23,7 @@ def test_sft_with_activation_checkpointing_equals_without(tmp_path, monkeypatch)
         seen.append(options)
         return training.prepare_model(model, **options)
 
-    monkeypatch.setattr(sft, "prepare_model", recording_prepare_model)
+    monkeypatch.setattr(recipe, "prepare_model", recording_prepare_model)
     states = []
     for checkpointing in (False, True):
         run_dir = tmp_path / f"run_{checkpointing}"

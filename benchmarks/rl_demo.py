@@ -157,8 +157,8 @@ def table(results: dict[str, dict]) -> str:
     """The results as a Markdown table (accuracy = mean over the prompts of one answer's correctness)."""
     lines = [
         "| model / sampling | accuracy | vs start (SE) | vs control (SE) | answered | well-formed `#### N` "
-        "| answer follows its work | guiding reward | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| answer follows its work | follows work vs control (SE) | guiding reward | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         s = r["eval"]["summary"]
@@ -168,11 +168,11 @@ def table(results: dict[str, dict]) -> str:
         train_cell = "" if train_s is None else f"{train_s:.0f}"
         versus = [
             "" if r.get(key) is None else f"{r[key]['difference']:+.3f} ({r[key]['se']:.3f})"
-            for key in ("vs_start", "vs_control")
+            for key in ("vs_start", "vs_control", "follows_vs_control")
         ]
         lines.append(
             f"| {ROWS[name][0]} | {s['sample_accuracy']:.3f} | {versus[0]} | {versus[1]} | {s['answered']:.3f} | "
-            f"{r['format_rate']:.3f} | {r['follows_work_rate']:.3f} | {reward_cell} | {train_cell} | "
+            f"{r['format_rate']:.3f} | {r['follows_work_rate']:.3f} | {versus[2]} | {reward_cell} | {train_cell} | "
             f"{r['eval']['wall_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -186,6 +186,11 @@ def eval_examples(eval_json: Path) -> list[dict]:
 def question_accuracies(examples: list[dict]) -> list[float]:
     """Each question's share of right answers."""
     return [sum(map(bool, e["correct"])) / len(e["correct"]) for e in examples]
+
+
+def question_follows_work(examples: list[dict]) -> list[float]:
+    """Each question's share of answers whose `#### N` follows their own work (`answer_follows_work`)."""
+    return [sum(map(answer_follows_work, e["completions"])) / len(e["completions"]) for e in examples]
 
 
 def paired_difference(rows: list[float], reference: list[float], draws: int = 2000, seed: int = 0) -> dict:
@@ -221,15 +226,16 @@ def follows_work_rate(completions: list[str]) -> float:
 
 def answer_statistics(name: str, out: Path, results: dict[str, dict]) -> dict:
     """What the table reads from row `name`'s answers (`out`/eval_<name>.json) beyond evaluate.py's summary: the
-    format and follows-work rates, and its accuracy against the start's and the control's rows when measured."""
+    format and follows-work rates, and its accuracy and follows-work rate against the start's and the control's
+    rows when measured (paired by question: `vs_start`, `vs_control`, `follows_vs_start`, `follows_vs_control`)."""
     examples = eval_examples(out / f"eval_{name}.json")
     completions = completions_of(examples)
     stats = {"format_rate": format_rate(completions), "follows_work_rate": follows_work_rate(completions)}
-    accuracies = question_accuracies(examples)
     for key, other in (("vs_start", "sft"), ("vs_control", "sft_continued")):
         if other in results and name not in (other, "sft"):
-            reference = question_accuracies(eval_examples(out / f"eval_{other}.json"))
-            stats[key] = paired_difference(accuracies, reference)
+            other_examples = eval_examples(out / f"eval_{other}.json")
+            for prefix, per_question in (("", question_accuracies), ("follows_", question_follows_work)):
+                stats[prefix + key] = paired_difference(per_question(examples), per_question(other_examples))
     return stats
 
 

@@ -73,16 +73,19 @@ def test_paired_difference_and_its_bootstrap_error():
 
 def test_rescore_rebuilds_the_table_from_eval_files(tmp_path, capsys):
     """--rescore recomputes the answer statistics of a finished run from its eval files: rates, and the paired
-    difference to the start for every other row (the start gets none); the stored train/eval entries stay."""
+    differences of accuracy and follows-work rate to the start for every other row (the start gets none); the
+    stored train/eval entries stay."""
     import json
 
     from benchmarks.rl_demo import main
 
-    def eval_file(name, correct):
-        examples = [{"completions": ["3 + 5 = 8\n#### 8"] * 2, "correct": c} for c in correct]
+    def eval_file(name, correct, completion="3 + 5 = 8\n#### 8"):
+        examples = [{"completions": [completion] * 2, "correct": c} for c in correct]
         (tmp_path / f"eval_{name}.json").write_text(json.dumps({"accuracy": {"examples": examples}}))
 
-    eval_file("sft", [[True, False], [False, False]])
+    eval_file(
+        "sft", [[True, False], [False, False]], completion="3 + 5 = 8\n#### 9"
+    )  # does not follow its work
     eval_file("reft", [[True, True], [True, False]])
     summary = {"sample_accuracy": 0.0, "answered": 1.0}
     row = {"eval": {"summary": summary, "wall_s": 1.0}}
@@ -94,6 +97,10 @@ def test_rescore_rebuilds_the_table_from_eval_files(tmp_path, capsys):
     assert "vs_start" not in results["sft"] and results["reft"]["eval"] == row["eval"]
     assert results["reft"]["vs_start"]["difference"] == 0.5  # (1 - 0.5 + 0.5 - 0) / 2
     assert results["reft"]["follows_work_rate"] == 1.0 and results["sft"]["format_rate"] == 1.0
+    assert results["reft"]["follows_vs_start"] == {"difference": 1.0, "se": 0.0}
+    assert (
+        "follows_vs_start" not in results["sft"] and "follows_vs_control" not in results["reft"]
+    )  # no control
     assert "+0.500" in capsys.readouterr().out
     (tmp_path / "eval_reft.json").unlink()
     with pytest.raises(SystemExit, match="lacks eval_reft.json"):

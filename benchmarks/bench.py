@@ -206,7 +206,6 @@ def _ours_sample(config, weights, args, device, dtype):
     import graph_lib
     import noise_lib
     import sampling
-    import training
 
     model = _ours_model(config, weights, args, device).eval()
     if args.compile_mode not in (None, "default"):
@@ -214,7 +213,7 @@ def _ours_sample(config, weights, args, device, dtype):
             "--compile-mode applies to training only; the sampler takes --compile (default mode)"
         )
     if args.compile:
-        training.prepare_model(model, compile=True)  # compiles the blocks in place; the sampler calls model
+        model.compile_blocks()  # in place, as run_sample.py --compile does
     graph, noise = graph_lib.get_graph(config), noise_lib.get_noise(config)
 
     def run(steps: int) -> torch.Tensor:

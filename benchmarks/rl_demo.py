@@ -194,9 +194,9 @@ def question_follows_work(examples: list[dict]) -> list[float]:
 
 
 def paired_difference(rows: list[float], reference: list[float], draws: int = 2000, seed: int = 0) -> dict:
-    """Accuracy of `rows` minus `reference`, paired by question (the same prompts and seed), with its bootstrap
-    standard error over questions: a question's answers and both rows' answers to it move together, so this is
-    the noise a gap in the table must clear."""
+    """The mean of per-question values `rows` minus `reference` (accuracies, follows-work rates), paired by question
+    (the same prompts and seed), with its bootstrap standard error over questions: a question's answers and both
+    rows' answers to it move together, so this is the noise a gap in the table must clear."""
     if len(rows) != len(reference):
         raise ValueError(f"rows answer {len(rows)} questions, the reference {len(reference)}")
     differences = [a - b for a, b in zip(rows, reference, strict=True)]

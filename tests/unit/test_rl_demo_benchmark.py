@@ -83,9 +83,8 @@ def test_rescore_rebuilds_the_table_from_eval_files(tmp_path, capsys):
         examples = [{"completions": [completion] * 2, "correct": c} for c in correct]
         (tmp_path / f"eval_{name}.json").write_text(json.dumps({"accuracy": {"examples": examples}}))
 
-    eval_file(
-        "sft", [[True, False], [False, False]], completion="3 + 5 = 8\n#### 9"
-    )  # does not follow its work
+    # the start's answers do not follow their work, the trained row's do
+    eval_file("sft", [[True, False], [False, False]], completion="3 + 5 = 8\n#### 9")
     eval_file("reft", [[True, True], [True, False]])
     summary = {"sample_accuracy": 0.0, "answered": 1.0}
     row = {"eval": {"summary": summary, "wall_s": 1.0}}
@@ -98,9 +97,8 @@ def test_rescore_rebuilds_the_table_from_eval_files(tmp_path, capsys):
     assert results["reft"]["vs_start"]["difference"] == 0.5  # (1 - 0.5 + 0.5 - 0) / 2
     assert results["reft"]["follows_work_rate"] == 1.0 and results["sft"]["format_rate"] == 1.0
     assert results["reft"]["follows_vs_start"] == {"difference": 1.0, "se": 0.0}
-    assert (
-        "follows_vs_start" not in results["sft"] and "follows_vs_control" not in results["reft"]
-    )  # no control
+    assert "follows_vs_start" not in results["sft"]
+    assert "follows_vs_control" not in results["reft"]  # the run has no control row
     assert "+0.500" in capsys.readouterr().out
     (tmp_path / "eval_reft.json").unlink()
     with pytest.raises(SystemExit, match="lacks eval_reft.json"):
